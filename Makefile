@@ -1,0 +1,43 @@
+# The README's commands. Everything runs from a virtual environment in the clone (.venv).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch; on a GPU machine override it, e.g. TORCH_SPEC='torch==2.13.0'
+# with PIP_INDEX_URL pointing at the CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_DIR ?= models
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install demo serve test lint format bench-serve bench-uci clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: install
+	@test -d $(MODEL_DIR)/sine-gap || $(BIN)/credence-train --data toy:sine-gap --name sine-gap --out $(MODEL_DIR)
+	@test -d $(MODEL_DIR)/moons || $(BIN)/credence-train --data toy:moons --name moons --out $(MODEL_DIR)
+	@echo
+	@echo "Serving $(MODEL_DIR) on http://$(HOST):$(PORT). In another shell, try:"
+	@echo "  curl -s -X POST http://$(HOST):$(PORT)/v1/models/sine-gap:predict -H 'Content-Type: application/json' -d '{\"instances\": [[0.0], [2.5]], \"parameters\": {\"num_samples\": 200, \"seed\": 7}}'"
+	@echo
+	$(BIN)/credence-serve --model-dir $(MODEL_DIR) --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check training service tests benchmarks
+	$(BIN)/ruff format --check training service tests benchmarks
+
+format: install
+	$(BIN)/ruff format training service tests benchmarks
+	$(BIN)/ruff check --fix training service tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

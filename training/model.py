@@ -1,0 +1,152 @@
+"""Posterior models and the one sampler contract every method implements.
+
+    sample(x: Tensor[B, *input_shape], n, seeds: Tensor[B]) -> Tensor[n, B, *out]
+
+Draw `s` is one posterior draw of all weights applied to every row that shares a seed, so
+the draws of one request are joint across its rows; rows with different seeds (different
+requests in one server batch) get independent draws that depend only on their own seed.
+Inputs go in, and draws come out, in original units: the model carries its normalization.
+Regression draws hold the per-draw Gaussian mean and variance side by side on the last axis
+([..., :k] and [..., k:]); classification draws are logits.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import rng
+from training.likelihoods import CategoricalHead, GaussianHead, build_head
+
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
+
+
+class Normalizer(nn.Module):
+    """Standardization with training statistics; stored in the manifest, not in the weights."""
+
+    def __init__(self, stats: dict):
+        super().__init__()
+        for key in ("x_mean", "x_std", "y_mean", "y_std"):
+            if key in stats:
+                self.register_buffer(key, torch.tensor(stats[key]), persistent=False)
+        self.stats = stats
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.x_mean) / self.x_std
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.y_mean) / self.y_std
+
+    def gaussian_draws(self, draws: torch.Tensor) -> torch.Tensor:
+        """Standardized [mean | variance] draws -> original units."""
+        k = self.y_mean.numel()
+        mean = draws[..., :k] * self.y_std + self.y_mean
+        return torch.cat([mean, draws[..., k:] * self.y_std**2], dim=-1)
+
+
+class PosteriorModel(nn.Module):
+    """Base class: normalization + likelihood head around a method-specific body."""
+
+    method: ClassVar[str]
+
+    def __init__(self, arch: dict, likelihood: dict, normalization: dict):
+        super().__init__()
+        self.arch = dict(arch)
+        self.normalizer = Normalizer(normalization)
+        self.head = build_head(likelihood)
+
+    @property
+    def task(self) -> str:
+        return self.head.task
+
+    def config(self) -> dict:
+        return {"method": self.method, "arch": self.arch, "likelihood": self.head.config()}
+
+    def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        """Standardized inputs [B, D] -> raw head outputs [n, B, raw_features]."""
+        raise NotImplementedError
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Training pass on standardized inputs: one stochastic draw per row."""
+        raise NotImplementedError
+
+    def penalty(self, num_train: int) -> torch.Tensor:
+        """Negative log prior per training example (regularization is the prior)."""
+        return torch.zeros(())
+
+    @torch.inference_mode()
+    def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        draws = self.head.per_draw(self.raw_draws(self.normalizer.inputs(x), n, seeds))
+        if isinstance(self.head, GaussianHead):
+            return self.normalizer.gaussian_draws(draws)
+        return draws
+
+
+class MCDropoutMLP(PosteriorModel):
+    """MLP with dropout kept on at prediction time (Gal & Ghahramani 2016).
+
+    The prior length-scale l gives the weight decay l^2 (1 - p) / (2 N) per weight matrix on
+    a per-example negative log-likelihood, which is Gal's l^2 (1 - p) / (2 N tau) on the
+    squared-error scale.
+    """
+
+    method = "mc_dropout"
+
+    def __init__(self, arch: dict, likelihood: dict, normalization: dict):
+        super().__init__(arch, likelihood, normalization)
+        widths = [arch["in_features"], *arch["hidden"], self.head.raw_features]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+        self.p = float(arch["dropout"])
+        self.input_dropout = bool(arch.get("input_dropout", False))
+        self.lengthscale = float(arch.get("prior_lengthscale", 1e-2))
+        self.activation = ACTIVATIONS[arch.get("activation", "relu")]
+
+    def _dropped(self, i: int) -> bool:
+        return self.p > 0 and (i > 0 or self.input_dropout)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = z
+        for i, layer in enumerate(self.layers):
+            if self._dropped(i):
+                h = F.dropout(h, self.p, training=True)
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = self.activation(h)
+        return h
+
+    def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        unique, row_of = torch.unique(seeds, return_inverse=True)
+        h = z.unsqueeze(0)  # [1, B, D]: broadcast to [n, B, width] at the first mask
+        for i, layer in enumerate(self.layers):
+            if self._dropped(i):
+                keep = rng.bernoulli(rng.draw_keys(unique, n, stream=i), h.shape[-1], 1 - self.p)
+                h = h * (keep[:, row_of].to(h.dtype) / (1 - self.p))
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = self.activation(h)
+        return h.expand(n, *h.shape[1:])
+
+    def penalty(self, num_train: int) -> torch.Tensor:
+        total = torch.zeros(())
+        for i, layer in enumerate(self.layers):
+            keep = 1 - self.p if self._dropped(i) else 1.0
+            total = total + self.lengthscale**2 * keep / (2 * num_train) * layer.weight.pow(2).sum()
+        return total
+
+
+MODEL_TYPES: dict[str, type[PosteriorModel]] = {MCDropoutMLP.method: MCDropoutMLP}
+
+
+def build_model(config: dict, normalization: dict) -> PosteriorModel:
+    """Rebuild a model from its manifest config alone (no code from the training run)."""
+    method = config.get("method")
+    if method not in MODEL_TYPES:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(MODEL_TYPES)}")
+    return MODEL_TYPES[method](config["arch"], config["likelihood"], normalization)
+
+
+__all__ = ["MODEL_TYPES", "CategoricalHead", "GaussianHead", "PosteriorModel", "build_model"]
