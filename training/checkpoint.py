@@ -133,7 +133,10 @@ class Checkpoint:
 
     def build(self, device: str | torch.device = "cpu") -> PosteriorModel:
         """The model with its weights, in eval mode, on `device`."""
-        model = build_model(self.manifest["model"], self.manifest["normalization"])
+        try:
+            model = build_model(self.manifest["model"], self.manifest["normalization"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: cannot rebuild the model: {exc!r}") from exc
         try:
             model.load_state_dict(load_safetensors(self.files[WEIGHTS]), strict=True)
         except (RuntimeError, KeyError) as exc:
