@@ -6,6 +6,11 @@ central credible intervals from the mixture's own quantiles (not mean +- z std, 
 wrong for skewed or multimodal predictives).
 Classification: the mean of the per-draw softmax, its entropy, the expected per-draw
 entropy (aleatoric) and their difference, the mutual information (epistemic).
+
+Every reduction over the sample axis is a pairwise tree fixed by n alone, and the quantile
+solver freezes each element once it has converged, so a row's summary is the same bits
+whatever rows it is computed with: the server batches requests and promises a seeded request
+the numbers it gets alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,31 @@ Summary = dict[str, torch.Tensor]
 
 _TAIL_SDS = 40.0  # bracket far enough out that the mixture CDF underflows float64 to 0 / 1
 _MAX_ITERATIONS = 100
+
+
+def sample_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the sample axis 0 by a pairwise tree whose shape depends on n alone.
+
+    Every element goes through the same sequence of elementwise additions whatever the
+    other dimensions hold, so a row's result does not depend on the rows it is batched
+    with (torch's own reductions pick their order from the layout of the whole tensor).
+    """
+    while t.shape[0] > 1:
+        half = t.shape[0] // 2
+        pairs = t[:half] + t[half : 2 * half]
+        if t.shape[0] % 2:
+            pairs[-1] += t[-1]
+        t = pairs
+    return t[0]
+
+
+def sample_mean(t: torch.Tensor) -> torch.Tensor:
+    return sample_sum(t) / t.shape[0]
+
+
+def sample_var(t: torch.Tensor) -> torch.Tensor:
+    """Population variance over axis 0, two-pass, batch-invariant like `sample_sum`."""
+    return sample_mean((t - sample_mean(t)) ** 2)
 
 
 def mixture_quantile(
@@ -36,20 +66,22 @@ def mixture_quantile(
     shape = (q.shape[0], *mu.shape[1:])
     lo = (mu - _TAIL_SDS * sd).amin(0).expand(shape).clone()
     hi = (mu + _TAIL_SDS * sd).amax(0).expand(shape).clone()
-    moment_sd = (variance.double().mean(0) + mu.var(0, unbiased=False)).sqrt()
-    x = (mu.mean(0) + moment_sd * torch.special.ndtri(q)).clamp(lo, hi)
+    moment_sd = (sample_mean(variance.double()) + sample_var(mu)).sqrt()
+    x = (sample_mean(mu) + moment_sd * torch.special.ndtri(q)).clamp(lo, hi)
     mu, sd = mu.unsqueeze(1), sd.unsqueeze(1)  # [n, 1, ...] against x [Q, ...]
+    done = torch.zeros_like(x, dtype=torch.bool)
     for _ in range(_MAX_ITERATIONS):
         z = (x - mu) / sd
-        excess = torch.special.ndtr(z).mean(0) - q
-        density = (torch.exp(-0.5 * z * z) / sd).mean(0) / math.sqrt(2 * math.pi)
+        excess = sample_mean(torch.special.ndtr(z)) - q
+        density = sample_mean(torch.exp(-0.5 * z * z) / sd) / math.sqrt(2 * math.pi)
         lo = torch.where(excess < 0, x, lo)
         hi = torch.where(excess > 0, x, hi)
         newton = x - excess / density
         inside = (newton > lo) & (newton < hi)
         step = torch.where(inside, newton, 0.5 * (lo + hi))
-        done = (step - x).abs() <= tol * (1 + x.abs())
-        x = step
+        converged = (step - x).abs() <= tol * (1 + x.abs())
+        x = torch.where(done, x, step)  # a converged element stays put: its value
+        done = done | converged  # cannot depend on how long the others take
         if bool(done.all()):
             break
     return x
@@ -59,9 +91,9 @@ def regression_summary(draws: torch.Tensor, levels: Sequence[float]) -> Summary:
     """Draws [n, B, 2k] of per-draw (mean | variance) -> mixture summaries per row and target."""
     k = draws.shape[-1] // 2
     mu, var = draws[..., :k].double(), draws[..., k:].double()
-    mean = mu.mean(0)
-    epistemic = mu.var(0, unbiased=False)
-    aleatoric = var.mean(0)
+    mean = sample_mean(mu)
+    epistemic = sample_var(mu)
+    aleatoric = sample_mean(var)
     variance = epistemic + aleatoric
     tails = [(1 - level) / 2 for level in levels]
     bounds = mixture_quantile(mu, var, [*tails, *(1 - t for t in tails)])
@@ -80,9 +112,9 @@ def classification_summary(logits: torch.Tensor, levels: Sequence[float]) -> Sum
     """Draws [n, B, C] of logits -> predictive probabilities and entropy decomposition."""
     log_p = torch.log_softmax(logits.double(), dim=-1)
     p = log_p.exp()
-    p_mean = p.mean(0)
+    p_mean = sample_mean(p)
     entropy = -torch.special.xlogy(p_mean, p_mean).sum(-1)
-    expected_entropy = -(p * log_p).sum(-1).mean(0)
+    expected_entropy = sample_mean(-(p * log_p).sum(-1))
     confidence, predicted = p_mean.max(-1)
     tails = torch.tensor([(1 - level) / 2 for level in levels], dtype=torch.float64)
     return {

@@ -1,0 +1,236 @@
+"""The FastAPI app: routes, error handling and the lifespan that loads models and batchers.
+
+Every error is JSON (`service.errors`): client mistakes are 4xx with what and where,
+failures of our own are a JSON 500, never an HTML page or a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import orjson
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import protocol
+from service.batcher import Batcher
+from service.errors import ApiError, Problem, error_body
+from service.metrics import Metrics
+from service.registry import FailedModel, LoadedModel, ModelEntry, Registry
+from service.settings import Settings, resolve_device
+
+log = logging.getLogger("credence.app")
+JSON = "application/json"
+
+
+def json_response(payload: bytes, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(payload, status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(error: ApiError) -> Response:
+    return json_response(error.body(), error.status, dict(error.headers))
+
+
+class CatchAll:
+    """Outermost guard: an unexpected exception becomes a JSON 500 (and a logged traceback)
+    instead of Starlette's plain-text page."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            problem = Problem("internal_error", f"internal server error ({type(exc).__name__})")
+            await error_response(ApiError(500, [problem]))(scope, receive, send)
+
+
+def model_summary(entry: ModelEntry) -> dict:
+    return {
+        "name": entry.name,
+        "ready": entry.default_version is not None,  # KServe V1's model-ready field
+        "default_version": entry.default_version,
+        "state": entry.state,
+        "versions": [version_state(m) for m in entry.versions.values()],
+    }
+
+
+def version_state(model: LoadedModel | FailedModel) -> dict:
+    if isinstance(model, FailedModel):
+        return {"version": model.version, "state": "failed", "error": model.error}
+    manifest = model.spec.manifest
+    return {
+        "version": model.spec.version,
+        "state": "loaded",
+        "device": str(model.device),
+        "created_at": manifest.get("created_at"),
+        "metrics": manifest.get("metrics"),
+    }
+
+
+def model_detail(entry: ModelEntry) -> dict:
+    detail = model_summary(entry)
+    default = entry.versions.get(entry.default_version) if entry.default_version else None
+    if isinstance(default, LoadedModel):
+        spec = default.spec
+        detail.update(
+            task=spec.task,
+            method=spec.method,
+            input={
+                "shape": list(spec.input_shape),
+                "dtype": str(spec.dtype).removeprefix("torch."),
+                "feature_names": list(spec.feature_names) if spec.feature_names else None,
+            },
+            output={"names": list(spec.output_names)},
+            num_samples={"default": spec.default_num_samples, "max": spec.max_num_samples},
+            credible_levels_default=list(protocol.DEFAULT_LEVELS),
+            calibration=spec.manifest.get("calibration"),
+            metrics=spec.manifest.get("metrics"),
+        )
+    return detail
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own metrics; models load when its lifespan starts."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        device = resolve_device(settings.device)
+        log.info("device %s; loading models from %s", device, settings.model_dir.resolve())
+        registry = await asyncio.to_thread(Registry.load, settings.model_dir, device, settings)
+        batchers = {m.key: Batcher(m, settings, metrics) for m in registry.loaded()}
+        for batcher in batchers.values():
+            batcher.start()
+        metrics.model_versions.labels("loaded").set(len(registry.loaded()))
+        metrics.model_versions.labels("failed").set(len(registry.failed()))
+        log.info(
+            "serving %d model version(s): %s; %d failed to load%s",
+            len(batchers),
+            ", ".join(f"{n} v{v}" for n, v in batchers) or "none",
+            len(registry.failed()),
+            "".join(f"\n  {m.name} v{m.version}: {m.error}" for m in registry.failed()),
+        )
+        app.state.registry, app.state.batchers = registry, batchers
+        try:
+            yield
+        finally:
+            await asyncio.gather(*(b.stop() for b in batchers.values()))
+
+    app = FastAPI(title="Credence", version="0.1.0", lifespan=lifespan)
+    app.state.settings, app.state.metrics = settings, metrics
+    app.add_middleware(CatchAll)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(ApiError.single(exc.status_code, code, message, ("path",)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        problems = [
+            Problem("invalid_request", str(e.get("msg")), tuple(e.get("loc", ())))
+            for e in exc.errors()
+        ] or [Problem("invalid_request", "invalid request")]
+        return json_response(error_body(problems), 422)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response(b'{"status":"ok"}')
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        registry: Registry | None = getattr(request.app.state, "registry", None)
+        loaded = registry.loaded() if registry else []
+        body = {
+            "status": "ready" if loaded else "not_ready",
+            "loaded": [f"{m.spec.name}/{m.spec.version}" for m in loaded],
+            "failed": [f"{m.name}/{m.version}" for m in (registry.failed() if registry else [])],
+        }
+        return json_response(orjson.dumps(body), 200 if loaded else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        registry: Registry = request.app.state.registry
+        body = {"models": [model_summary(e) for e in registry.entries.values()]}
+        return json_response(orjson.dumps(body))
+
+    @app.get("/v1/models/{name}")
+    async def get_model(request: Request, name: str) -> Response:
+        if name.endswith(":predict"):
+            message = f"GET {request.url.path}: predictions take POST"
+            raise ApiError.single(405, "method_not_allowed", message, ("path",))
+        entry = request.app.state.registry.entry(name)
+        return json_response(orjson.dumps(model_detail(entry)))
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict(request: Request, name: str) -> Response:
+        return await _predict(request, name, None)
+
+    @app.post("/v1/models/{name}/versions/{version}:predict")
+    async def predict_version(request: Request, name: str, version: str) -> Response:
+        return await _predict(request, name, version)
+
+    async def _predict(request: Request, name: str, version: str | None) -> Response:
+        start = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+        labels, status = ["", ""], 500
+        try:
+            registry: Registry = request.app.state.registry
+            labels[0] = name if name in registry.entries else "(unknown)"
+            loaded = registry.resolve(name, version)
+            labels[1] = str(loaded.spec.version)
+            spec = loaded.spec
+            req = protocol.parse_predict(await request.body(), spec, settings.max_instances)
+            seed = req.seed if req.seed is not None else secrets.randbits(63)
+            render = partial(protocol.render, spec, req.num_samples, seed, req.levels)
+            batcher: Batcher = request.app.state.batchers[loaded.key]
+            payload = await batcher.submit(
+                req.x, req.num_samples, req.levels, seed, render, deadline
+            )
+            status = 200
+            return json_response(payload)
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.requests.labels(*labels, str(status)).inc()
+            metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+    return app

@@ -1,0 +1,214 @@
+"""Dynamic batching: one bounded queue and one worker per loaded model version.
+
+The worker takes what is queued, up to `max_batch_rows` rows or until `max_batch_delay_ms`
+has passed since the first request, and makes ONE `model.sample` call for the batch on a
+thread of its own (off the event loop). Every row carries its request's seed, and draws
+depend only on the seed, so a seeded request gets the numbers it gets alone whatever it is
+batched with. Summaries are computed once per group of requests that share (num_samples,
+credible_levels); a request that asked for fewer samples than the batch's largest takes
+the first draws, which are the draws it would get alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.registry import LoadedModel
+from service.settings import Settings
+from training.summaries import Summary, summarize
+
+log = logging.getLogger("credence.batcher")
+
+RETRY_AFTER_S = 1
+Render = Callable[[Summary], bytes]
+PER_LEVEL = ("lower", "upper")  # summary entries shaped [L, B, ...]; the rest are [B, ...]
+
+
+@dataclass(eq=False)
+class Job:
+    """One validated request waiting for its batch."""
+
+    x: torch.Tensor
+    num_samples: int
+    levels: tuple[float, ...]
+    seed: int
+    render: Render
+    future: asyncio.Future = field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+
+class Batcher:
+    """Queue, worker task and inference thread of one model version."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings, metrics: Metrics):
+        self.loaded = loaded
+        self.max_rows = settings.max_batch_rows
+        self.delay_s = settings.max_batch_delay_ms / 1000
+        self.timeout_s = settings.request_timeout_s
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.max_queue)
+        self.labels = (loaded.spec.name, str(loaded.spec.version))
+        self.metrics = metrics
+        self._carry: Job | None = None  # took it, but it did not fit in the last batch
+        self._task: asyncio.Task | None = None
+        name = f"credence-{loaded.spec.name}-v{loaded.spec.version}"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.labels[0])
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        shutting = ApiError.single(503, "shutting_down", "the server is shutting down")
+        pending = [self._carry] if self._carry else []
+        while not self.queue.empty():
+            pending.append(self.queue.get_nowait())
+        for job in pending:
+            if not job.future.done():
+                job.future.set_exception(shutting)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize() + (self._carry is not None)
+
+    async def submit(
+        self,
+        x: torch.Tensor,
+        num_samples: int,
+        levels: tuple[float, ...],
+        seed: int,
+        render: Render,
+        deadline: float,
+    ) -> bytes:
+        """Queue one request and wait for its rendered response until `deadline` (loop time)."""
+        loop = asyncio.get_running_loop()
+        job = Job(x, num_samples, levels, seed, render, loop.create_future())
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise ApiError.single(
+                503,
+                "overloaded",
+                f"the queue of {self.labels[0]!r} v{self.labels[1]} is full "
+                f"({self.queue.maxsize} requests); retry after {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
+        self.metrics.queue_depth.labels(*self.labels).set(self.depth)
+        try:
+            # on timeout (or client disconnect) the future is cancelled; the worker skips it
+            return await asyncio.wait_for(job.future, max(deadline - loop.time(), 0))
+        except TimeoutError:
+            raise ApiError.single(
+                504,
+                "deadline_exceeded",
+                f"no prediction within the request deadline of {self.timeout_s:g} s",
+            ) from None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [job for job in await self._collect() if not job.future.done()]
+            self.metrics.queue_depth.labels(*self.labels).set(self.depth)
+            if not batch:
+                continue
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
+            except Exception as exc:
+                log.exception("batch of %d request(s) failed on %s", len(batch), self.labels)
+                message = (
+                    f"the model failed on the batch this request was in "
+                    f"({type(exc).__name__}: {exc}); the request itself was valid"
+                )
+                outcomes = [ApiError.single(500, "inference_failed", message) for _ in batch]
+            for job, outcome in zip(batch, outcomes, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+
+    async def _collect(self) -> list[Job]:
+        """Wait for a first request, then take more until the row budget or the delay."""
+        loop = asyncio.get_running_loop()
+        first, self._carry = self._carry or await self.queue.get(), None
+        batch, rows = [first], first.rows
+        deadline = loop.time() + self.delay_s
+        while rows < self.max_rows:
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        job = await self.queue.get()
+                except TimeoutError:
+                    break
+            if rows + job.rows > self.max_rows:
+                self._carry = job
+                break
+            batch.append(job)
+            rows += job.rows
+        return batch
+
+    def _infer(self, batch: list[Job]) -> list[bytes | BaseException]:
+        """One model call for the batch, then summaries per (num_samples, levels) group."""
+        start = time.perf_counter()
+        device = self.loaded.device
+        x = torch.cat([job.x for job in batch]).to(device)
+        seeds = torch.cat([torch.full((job.rows,), job.seed, dtype=torch.int64) for job in batch])
+        draws = self.loaded.model.sample(x, max(job.num_samples for job in batch), seeds.to(device))
+        offsets = [0]
+        groups: dict[tuple[int, tuple[float, ...]], list[int]] = {}
+        for i, job in enumerate(batch):
+            offsets.append(offsets[-1] + job.rows)
+            groups.setdefault((job.num_samples, job.levels), []).append(i)
+        outcomes: list[bytes | BaseException] = [None] * len(batch)  # type: ignore[list-item]
+        for (n, levels), members in groups.items():
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
+            summary = summarize(self.loaded.spec.task, draws[:n, rows.to(device)], levels)
+            summary = {key: value.cpu() for key, value in summary.items()}
+            self._observe_uncertainty(summary)
+            start_row = 0
+            for i in members:
+                part = slice(start_row, start_row + batch[i].rows)
+                start_row = part.stop
+                mine = {k: v[:, part] if k in PER_LEVEL else v[part] for k, v in summary.items()}
+                try:
+                    outcomes[i] = batch[i].render(mine)
+                except Exception as exc:  # one response that cannot be rendered fails alone
+                    log.exception("rendering a response failed")
+                    outcomes[i] = ApiError.single(
+                        500, "render_failed", f"{type(exc).__name__}: {exc}"
+                    )
+        self.metrics.batch_rows.labels(*self.labels).observe(offsets[-1])
+        self.metrics.batch_requests.labels(*self.labels).observe(len(batch))
+        self.metrics.inference.labels(*self.labels).observe(time.perf_counter() - start)
+        return outcomes
+
+    def _observe_uncertainty(self, summary: Summary) -> None:
+        if "epistemic_variance" in summary:
+            values = summary["epistemic_variance"].clamp_min(0).sqrt()
+        else:
+            values = summary["mutual_information"]
+        histogram = self.metrics.uncertainty.labels(*self.labels)
+        for value in values.flatten().tolist():
+            histogram.observe(value)

@@ -1,0 +1,80 @@
+"""`credence-serve`: serve every checkpoint under a model directory over HTTP.
+
+Flags override CREDENCE_* environment variables, which override the defaults; a flag that
+is not given leaves the environment's value alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.settings import Settings, resolve_device
+
+FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
+    "model_dir": (str, "folder holding <name>/<version>/ checkpoints"),
+    "host": (str, "interface to bind"),
+    "port": (int, "port to bind"),
+    "device": (str, "auto (CUDA when present, else CPU), cpu, cuda or cuda:<i>"),
+    "max_batch_rows": (int, "rows per model call"),
+    "max_batch_delay_ms": (float, "how long a batch waits for more requests"),
+    "default_num_samples": (int, "posterior samples when neither request nor manifest says"),
+    "max_num_samples": (int, "hard cap on posterior samples per request"),
+    "max_instances": (int, "rows per request"),
+    "max_queue": (int, "queued requests per model version before 503"),
+    "request_timeout_s": (float, "deadline per request before 504"),
+    "torch_threads": (int, "torch intra-op threads (0: torch's default)"),
+    "log_level": (str, "critical, error, warning, info or debug"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="credence-serve",
+        description="Serve Bayesian models with calibrated uncertainty over HTTP. "
+        "Every flag can also be set as CREDENCE_<FLAG> (e.g. CREDENCE_MODEL_DIR).",
+    )
+    for name, (kind, text) in FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from the environment with the given flags on top."""
+    args = build_parser().parse_args(argv)
+    return Settings(**{key: value for key, value in vars(args).items() if value is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+        device = resolve_device(settings.device)
+    except (ValidationError, ValueError) as exc:
+        print(f"credence-serve: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("credence").info(
+        "credence-serve on %s:%d, device %s", settings.host, settings.port, device
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The one error type the service raises on purpose, and the JSON body every error has.
+
+    {"error": {"code": str, "message": str, "location": [...], "details": [...]?}}
+
+`location` points into the request ("instances", 3, 1) or at a path parameter ("path",
+"name"). When a request has several problems, `details` lists each one with its own code,
+message and location, and the top-level fields repeat the first one, so a client that
+reads only `error.message` still learns what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+
+Location = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a request, and where."""
+
+    code: str
+    message: str
+    location: Location = ()
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "location": list(self.location)}
+
+
+@dataclass(eq=False)
+class ApiError(Exception):
+    """An error answered with `status` and the JSON body above."""
+
+    status: int
+    problems: Sequence[Problem]
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def single(
+        cls,
+        status: int,
+        code: str,
+        message: str,
+        location: Location = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiError:
+        return cls(status, [Problem(code, message, location)], dict(headers or {}))
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.problems[0].message}"
+
+    def body(self) -> bytes:
+        return error_body(self.problems)
+
+
+def error_body(problems: Sequence[Problem]) -> bytes:
+    first = problems[0]
+    error = first.as_dict()
+    if len(problems) > 1:
+        more = len(problems) - 1
+        error["message"] = f"{first.message} (and {more} more problem{'s' * (more > 1)})"
+        error["details"] = [p.as_dict() for p in problems]
+    return orjson.dumps({"error": error})

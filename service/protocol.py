@@ -1,0 +1,417 @@
+"""Predict requests in, predictions out.
+
+A body is parsed and checked against the model's spec before anything is queued, so no
+client input reaches the model that it cannot take, and every problem is reported with
+where it is (`["instances", 3, 1]`, `["parameters", "seed"]`). Responses are rendered
+straight from the summary tensors with orjson; each prediction holds lists over the
+model's outputs (targets or classes), even when there is one output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+import torch
+
+from service.errors import ApiError, Location, Problem
+from service.registry import ModelSpec
+from training.summaries import Summary
+
+NUMBERS = frozenset({int, float})  # exact types: bool is an int subclass and is refused
+TOP_LEVEL = ("instances", "parameters")
+PARAMETERS = ("num_samples", "credible_levels", "seed")
+DEFAULT_LEVELS = (0.95,)
+MAX_LEVELS = 16
+MAX_SEED = 2**63 - 1
+MAX_PROBLEMS = 20
+REGRESSION_FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """A validated request: inputs [B, *input_shape] in the model's dtype, on the CPU."""
+
+    x: torch.Tensor
+    num_samples: int
+    levels: tuple[float, ...]
+    seed: int | None
+
+
+def load_json(body: bytes) -> object:
+    """orjson first; the stdlib parser second, because orjson refuses NaN and Infinity
+    tokens (and numbers past the double range) as syntax errors, while they deserve a 422
+    that names the instance and feature that holds them."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        error = exc
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+        raise ApiError.single(
+            400, "invalid_json", f"request body is not valid JSON: {error}"
+        ) from None
+
+
+def describe(value: object) -> str:
+    """How a JSON value is named in error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {json.dumps(shown)}"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    return f"the number {value!r}"
+
+
+def where(location: Location) -> str:
+    """["instances", 2, "x1"] -> 'instances[2]["x1"]'."""
+    text = str(location[0]) if location else "body"
+    for part in location[1:]:
+        text += f"[{part}]" if isinstance(part, int) else f"[{json.dumps(part)}]"
+    return text
+
+
+def parse_predict(body: bytes, spec: ModelSpec, max_instances: int) -> PredictRequest:
+    """Validate a predict body against `spec`; raises ApiError (400 / 422) listing problems."""
+    data = load_json(body)
+    if not isinstance(data, dict):
+        raise ApiError.single(
+            422,
+            "invalid_body",
+            'the body must be a JSON object {"instances": [...], "parameters": {...}}, '
+            f"got {describe(data)}",
+        )
+    problems: list[Problem] = [
+        Problem("unknown_field", f"unknown field {key!r}; a request has {list(TOP_LEVEL)}", (key,))
+        for key in data
+        if key not in TOP_LEVEL
+    ]
+    num_samples, levels, seed = _parameters(data.get("parameters"), spec, problems)
+    x = _instances(data.get("instances", _MISSING), spec, max_instances, problems)
+    if problems or x is None:
+        raise ApiError(422, problems[:MAX_PROBLEMS])
+    return PredictRequest(x, num_samples, levels, seed)
+
+
+def _parameters(
+    value: object, spec: ModelSpec, problems: list[Problem]
+) -> tuple[int, tuple[float, ...], int | None]:
+    num_samples, levels, seed = spec.default_num_samples, DEFAULT_LEVELS, None
+    if value is None:
+        return num_samples, levels, seed
+    if not isinstance(value, dict):
+        problems.append(
+            Problem("wrong_type", f'"parameters" must be an object, got {describe(value)}', ())
+        )
+        return num_samples, levels, seed
+    for key in value:
+        if key not in PARAMETERS:
+            problems.append(
+                Problem(
+                    "unknown_parameter",
+                    f"unknown parameter {key!r}; allowed: {', '.join(PARAMETERS)}",
+                    ("parameters", key),
+                )
+            )
+    n = value.get("num_samples")
+    if n is not None:
+        if type(n) is int and 1 <= n <= spec.max_num_samples:
+            num_samples = n
+        else:
+            problems.append(
+                Problem(
+                    "out_of_range" if type(n) is int else "wrong_type",
+                    f"num_samples must be an integer from 1 to {spec.max_num_samples} for "
+                    f"this model, got {describe(n)}",
+                    ("parameters", "num_samples"),
+                )
+            )
+    raw_levels = value.get("credible_levels")
+    if raw_levels is not None:
+        levels = _levels(raw_levels, problems) or levels
+    s = value.get("seed")
+    if s is not None:
+        if type(s) is int and 0 <= s <= MAX_SEED:
+            seed = s
+        else:
+            problems.append(
+                Problem(
+                    "out_of_range" if type(s) is int else "wrong_type",
+                    f"seed must be an integer from 0 to 2**63 - 1 ({MAX_SEED}) or null, "
+                    f"got {describe(s)}",
+                    ("parameters", "seed"),
+                )
+            )
+    return num_samples, levels, seed
+
+
+def _levels(value: object, problems: list[Problem]) -> tuple[float, ...] | None:
+    location: Location = ("parameters", "credible_levels")
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_LEVELS:
+        problems.append(
+            Problem(
+                "wrong_type",
+                f"credible_levels must be a list of 1 to {MAX_LEVELS} numbers strictly between "
+                f"0 and 1, got {describe(value)}",
+                location,
+            )
+        )
+        return None
+    ok = True
+    for i, level in enumerate(value):
+        if type(level) not in NUMBERS or not 0 < level < 1:
+            ok = False
+            problems.append(
+                Problem(
+                    "out_of_range" if type(level) in NUMBERS else "wrong_type",
+                    f"credible_levels[{i}] must be a number strictly between 0 and 1, "
+                    f"got {describe(level)}",
+                    (*location, i),
+                )
+            )
+    return tuple(float(level) for level in value) if ok else None
+
+
+def _instances(
+    value: object, spec: ModelSpec, max_instances: int, problems: list[Problem]
+) -> torch.Tensor | None:
+    location: Location = ("instances",)
+    shape = list(spec.input_shape)
+    row_hint = (
+        f"a list of {shape[0]} numbers" if len(shape) == 1 else f"nested lists of shape {shape}"
+    )
+    if spec.feature_names:
+        row_hint += f" or an object keyed by {list(spec.feature_names)}"
+    if value is _MISSING:
+        problems.append(
+            Problem(
+                "missing_field",
+                f'"instances" is required: a list of rows, each {row_hint}',
+                location,
+            )
+        )
+        return None
+    if not isinstance(value, list):
+        problems.append(
+            Problem(
+                "wrong_type", f'"instances" must be a list of rows, got {describe(value)}', location
+            )
+        )
+        return None
+    if not value:
+        problems.append(
+            Problem("empty_instances", '"instances" is empty: send at least one row', location)
+        )
+        return None
+    if len(value) > max_instances:
+        problems.append(
+            Problem(
+                "too_many_instances",
+                f'"instances" has {len(value)} rows; this server takes at most {max_instances} '
+                "per request",
+                location,
+            )
+        )
+        return None
+    # `flat` stays aligned with the rows (placeholders stand in for what could not be read)
+    # so that NaN and infinities are reported along with every other problem
+    flat: list[int | float] = []
+    keyed: set[int] = set()
+    for i, row in enumerate(value):
+        if len(problems) >= MAX_PROBLEMS:
+            return None
+        if isinstance(row, dict):
+            row = _from_keyed(row, spec, (*location, i), problems)
+            if row is None:
+                flat.extend([0.0] * math.prod(spec.input_shape))
+                continue
+            keyed.add(i)
+        names = spec.feature_names if i in keyed else None
+        _collect(row, spec.input_shape, 0, (*location, i), flat, problems, names)
+    return _to_tensor(flat, len(value), spec, keyed, problems)
+
+
+def _from_keyed(
+    row: dict, spec: ModelSpec, location: Location, problems: list[Problem]
+) -> list | None:
+    names = spec.feature_names
+    if not names:
+        problems.append(
+            Problem(
+                "wrong_type",
+                f"{where(location)} is an object, but this model has no feature names: "
+                f"send a list of {spec.input_shape[0]} numbers",
+                location,
+            )
+        )
+        return None
+    missing = [name for name in names if name not in row]
+    unknown = [key for key in row if key not in names]
+    if missing:
+        problems.append(
+            Problem("missing_feature", f"{where(location)} lacks feature(s) {missing}", location)
+        )
+    if unknown:
+        problems.append(
+            Problem(
+                "unknown_feature",
+                f"{where(location)} has unknown feature(s) {unknown}; the model's features are "
+                f"{list(names)}",
+                location,
+            )
+        )
+    return None if missing or unknown else [row[name] for name in names]
+
+
+def _collect(
+    value: object,
+    shape: Sequence[int],
+    depth: int,
+    location: Location,
+    flat: list,
+    problems: list[Problem],
+    names: Sequence[str] | None,
+) -> None:
+    """Append the numbers of one (sub)row to `flat`, or record why it cannot be read."""
+    size = shape[depth]
+    leaf = depth == len(shape) - 1
+    if type(value) is not list or len(value) != size:
+        got = describe(value) if type(value) is not list else f"{len(value)} values"
+        what = f"{size} numbers" if leaf else f"{size} lists"
+        problems.append(
+            Problem(
+                "wrong_shape",
+                f"{where(location)} must hold {what} (input shape {list(shape)}), got {got}",
+                location,
+            )
+        )
+        flat.extend([0.0] * math.prod(shape[depth:]))
+        return
+    if not leaf:
+        for j, sub in enumerate(value):
+            _collect(sub, shape, depth + 1, (*location, j), flat, problems, names)
+        return
+    if NUMBERS.issuperset(map(type, value)):
+        flat.extend(value)
+        return
+    for j, item in enumerate(value):
+        if type(item) in NUMBERS:
+            flat.append(item)
+        else:
+            at = (*location, names[j] if names else j)
+            problems.append(
+                Problem("wrong_type", f"{where(at)} must be a number, got {describe(item)}", at)
+            )
+            flat.append(0.0)
+
+
+def _to_tensor(
+    flat: list, rows: int, spec: ModelSpec, keyed: set[int], problems: list[Problem]
+) -> torch.Tensor | None:
+    """The inputs in the model's dtype; NaN, infinities and values past its range refused."""
+    shape = spec.input_shape
+    per_row = math.prod(shape)
+
+    def location(index: int) -> Location:
+        row, rest = divmod(index, per_row)
+        parts = []
+        for size in reversed(shape):
+            rest, part = divmod(rest, size)
+            parts.append(part)
+        parts.reverse()
+        if row in keyed and spec.feature_names:
+            return ("instances", row, spec.feature_names[parts[0]])
+        return ("instances", row, *parts)
+
+    try:
+        wide = torch.tensor(flat, dtype=torch.float64)
+    except (OverflowError, RuntimeError, TypeError):  # integers past the float range
+        huge = [index for index, item in enumerate(flat) if abs(item) > 1e308]
+        if not huge:
+            raise
+        for index in huge[:MAX_PROBLEMS]:
+            at = location(index)
+            problems.append(Problem("non_finite", f"{where(at)} is too large to be a number", at))
+        return None
+    x = wide.to(spec.dtype)
+    bad = (~torch.isfinite(x)).nonzero().flatten().tolist()
+    for index in bad[: max(MAX_PROBLEMS - len(problems), 0)]:
+        at, item = location(index), wide[index].item()
+        if math.isnan(item):
+            message = f"{where(at)} is NaN; inputs must be finite numbers"
+        elif math.isinf(item):
+            message = f"{where(at)} is {'-' if item < 0 else ''}Infinity; inputs must be finite"
+        else:
+            message = f"{where(at)} = {item!r} is outside the range of {spec.dtype}"
+        problems.append(Problem("non_finite", message, at))
+    return None if bad or problems else x.view(rows, *shape)
+
+
+def render(
+    spec: ModelSpec, num_samples: int, seed: int, levels: Sequence[float], summary: Summary
+) -> bytes:
+    """The response body for one request from its rows of the batch's summaries."""
+    if spec.task == "regression":
+        predictions = _regression(summary, levels)
+    else:
+        predictions = _classification(summary, levels, spec.output_names)
+    return orjson.dumps(
+        {
+            "model_name": spec.name,
+            "model_version": spec.version,
+            "num_samples": num_samples,
+            "seed": seed,
+            "predictions": predictions,
+        }
+    )
+
+
+def _intervals(summary: Summary, levels: Sequence[float]) -> list[list[dict]]:
+    lower = summary["lower"].transpose(0, 1).tolist()  # [B][L][outputs]
+    upper = summary["upper"].transpose(0, 1).tolist()
+    return [
+        [{"level": level, "lower": lo[j], "upper": hi[j]} for j, level in enumerate(levels)]
+        for lo, hi in zip(lower, upper, strict=True)
+    ]
+
+
+def _regression(summary: Summary, levels: Sequence[float]) -> list[dict]:
+    columns = [summary[key].tolist() for key in REGRESSION_FIELDS]
+    intervals = _intervals(summary, levels)
+    return [
+        {**dict(zip(REGRESSION_FIELDS, values, strict=True)), "intervals": row_intervals}
+        for *values, row_intervals in zip(*columns, intervals, strict=True)
+    ]
+
+
+def _classification(summary: Summary, levels: Sequence[float], labels: Sequence[str]) -> list[dict]:
+    probabilities = summary["probabilities"].tolist()
+    predicted = summary["predicted_class"].tolist()
+    confidence = summary["confidence"].tolist()
+    entropy = summary["entropy"].tolist()
+    expected = summary["expected_entropy"].tolist()
+    mutual = summary["mutual_information"].tolist()
+    intervals = _intervals(summary, levels)
+    return [
+        {
+            "probabilities": probabilities[i],
+            "predicted_class": labels[predicted[i]],
+            "confidence": confidence[i],
+            "entropy": entropy[i],
+            "expected_entropy": expected[i],
+            "mutual_information": mutual[i],
+            "intervals": intervals[i],
+        }
+        for i in range(len(probabilities))
+    ]

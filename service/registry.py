@@ -1,0 +1,253 @@
+"""Every checkpoint under MODEL_DIR/<name>/<version>, loaded once at startup.
+
+A version that cannot be served (bad hash, malformed manifest, weights that do not fit,
+a model whose output disagrees with its manifest) is kept with its error message so that
+the API can say why, and is never served; every other version keeps serving. A model's
+default version is the highest one that loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from service.errors import ApiError
+from service.settings import Settings
+from training.checkpoint import NAME_PATTERN, CheckpointError, list_versions, read_checkpoint
+from training.model import PosteriorModel
+
+log = logging.getLogger("credence.registry")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TASKS = ("regression", "classification")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the service needs from a manifest, checked once at load time."""
+
+    name: str
+    version: int
+    task: str
+    method: str
+    input_shape: tuple[int, ...]
+    dtype: torch.dtype
+    feature_names: tuple[str, ...] | None
+    output_names: tuple[str, ...]
+    default_num_samples: int
+    max_num_samples: int
+    manifest: dict
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.output_names)
+
+
+def _positive_int(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+def parse_spec(manifest: dict, settings: Settings) -> ModelSpec:
+    """Validate the serving-relevant part of a manifest; CheckpointError says what is wrong."""
+
+    def bad(message: str) -> CheckpointError:
+        return CheckpointError(f"manifest: {message}")
+
+    task = manifest.get("task")
+    if task not in TASKS:
+        raise bad(f"task must be one of {TASKS}, got {task!r}")
+    spec_in, spec_out = manifest.get("input") or {}, manifest.get("output") or {}
+    shape = spec_in.get("shape")
+    if not isinstance(shape, list) or not shape or not all(map(_positive_int, shape)):
+        raise bad(f"input.shape must be a non-empty list of positive integers, got {shape!r}")
+    dtype_name = spec_in.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise bad(f"input.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+    features = spec_in.get("feature_names")
+    if features is not None:
+        if len(shape) != 1 or not isinstance(features, list) or len(features) != shape[0]:
+            raise bad(f"input.feature_names must list {shape} names for a 1-d input shape")
+        if not all(isinstance(f, str) for f in features) or len(set(features)) != len(features):
+            raise bad("input.feature_names must be distinct strings")
+    names = spec_out.get("names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad(f"output.names must be a non-empty list of strings, got {names!r}")
+    samples = manifest.get("num_samples") or {}
+    default, cap = samples.get("default"), samples.get("max")
+    for key, value in (("default", default), ("max", cap)):
+        if value is not None and not _positive_int(value):
+            raise bad(f"num_samples.{key} must be a positive integer, got {value!r}")
+    cap = min(cap or math.inf, settings.max_num_samples)
+    default = min(default or settings.default_num_samples, cap)
+    return ModelSpec(
+        name=manifest["name"],
+        version=manifest["version"],
+        task=task,
+        method=str(manifest.get("method")),
+        input_shape=tuple(shape),
+        dtype=DTYPES[dtype_name],
+        feature_names=tuple(features) if features is not None else None,
+        output_names=tuple(names),
+        default_num_samples=int(default),
+        max_num_samples=int(cap),
+        manifest=manifest,
+    )
+
+
+def check_model(model: PosteriorModel, spec: ModelSpec, device: torch.device) -> None:
+    """One tiny forward pass: a model that disagrees with its manifest fails here, at load,
+    never on a client's request."""
+    if model.task != spec.task:
+        raise CheckpointError(f"model task {model.task!r} differs from manifest {spec.task!r}")
+    x = torch.zeros((2, *spec.input_shape), dtype=spec.dtype, device=device)
+    draws = model.sample(x, 2, torch.zeros(2, dtype=torch.int64, device=device))
+    per_output = 2 if spec.task == "regression" else 1
+    expected = (2, 2, per_output * spec.num_outputs)
+    if tuple(draws.shape) != expected:
+        raise CheckpointError(
+            f"model draws have shape {tuple(draws.shape)} but the manifest's "
+            f"{spec.num_outputs} outputs need {expected}"
+        )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    spec: ModelSpec
+    model: PosteriorModel
+    device: torch.device
+    path: Path
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.spec.name, self.spec.version
+
+
+@dataclass(frozen=True)
+class FailedModel:
+    name: str
+    version: int
+    path: Path
+    error: str
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    versions: dict[int, LoadedModel | FailedModel] = field(default_factory=dict)
+
+    @property
+    def default_version(self) -> int | None:
+        loaded = [v for v, m in self.versions.items() if isinstance(m, LoadedModel)]
+        return max(loaded, default=None)
+
+    @property
+    def state(self) -> str:
+        return "available" if self.default_version is not None else "unavailable"
+
+
+def load_version(path: Path, device: torch.device, settings: Settings) -> LoadedModel:
+    checkpoint = read_checkpoint(path)
+    manifest = checkpoint.manifest
+    if manifest.get("name") != path.parent.name or manifest.get("version") != int(path.name):
+        raise CheckpointError(
+            f"manifest names {manifest.get('name')!r} version {manifest.get('version')!r} "
+            f"but the checkpoint sits in {path.parent.name}/{path.name}"
+        )
+    spec = parse_spec(manifest, settings)
+    model = checkpoint.build(device)
+    check_model(model, spec, device)
+    if manifest.get("calibration") is not None:
+        log.warning("%s v%d: manifest calibration is not applied yet", spec.name, spec.version)
+    return LoadedModel(spec, model, device, path)
+
+
+class Registry:
+    """The models this server knows, by name and version."""
+
+    def __init__(self, entries: dict[str, ModelEntry]):
+        self.entries = dict(sorted(entries.items()))
+
+    @classmethod
+    def load(cls, model_dir: Path, device: torch.device, settings: Settings) -> Registry:
+        entries: dict[str, ModelEntry] = {}
+        if not model_dir.is_dir():
+            log.error("model directory %s does not exist; serving no models", model_dir)
+            return cls(entries)
+        for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            versions = list_versions(folder)
+            if not versions or not NAME_PATTERN.match(folder.name):
+                log.info("skipping %s: not a model folder", folder)
+                continue
+            entry = entries[folder.name] = ModelEntry(folder.name)
+            for version in versions:
+                path = folder / str(version)
+                try:
+                    entry.versions[version] = load_version(path, device, settings)
+                    log.info("loaded %s v%d on %s", folder.name, version, device)
+                except CheckpointError as exc:
+                    entry.versions[version] = FailedModel(folder.name, version, path, str(exc))
+                    log.error("refused %s v%d: %s", folder.name, version, exc)
+                except Exception as exc:  # a bug in one checkpoint must not stop the others
+                    message = f"{path}: {type(exc).__name__}: {exc}"
+                    entry.versions[version] = FailedModel(folder.name, version, path, message)
+                    log.exception("failed to load %s v%d", folder.name, version)
+        return cls(entries)
+
+    def loaded(self) -> list[LoadedModel]:
+        return [m for e in self.entries.values() for m in e.versions.values() if _is_loaded(m)]
+
+    def failed(self) -> list[FailedModel]:
+        return [m for e in self.entries.values() for m in e.versions.values() if not _is_loaded(m)]
+
+    def entry(self, name: str) -> ModelEntry:
+        if name not in self.entries:
+            known = ", ".join(self.entries) or "none"
+            raise ApiError.single(
+                404,
+                "model_not_found",
+                f"no model named {name!r} (known: {known})",
+                ("path", "name"),
+            )
+        return self.entries[name]
+
+    def resolve(self, name: str, version: str | int | None = None) -> LoadedModel:
+        """The version a request asked for, or the default; 404 unknown, 503 failed to load."""
+        entry = self.entry(name)
+        if version is None:
+            if entry.default_version is None:
+                errors = "; ".join(f"v{m.version}: {m.error}" for m in entry.versions.values())
+                raise ApiError.single(
+                    503,
+                    "model_unavailable",
+                    f"no version of {name!r} loaded: {errors}",
+                    ("path", "name"),
+                )
+            return entry.versions[entry.default_version]
+        text = str(version)
+        number = int(text) if re.fullmatch(r"[0-9]{1,18}", text) else None
+        if number is None or number not in entry.versions:
+            known = ", ".join(map(str, entry.versions))
+            raise ApiError.single(
+                404,
+                "version_not_found",
+                f"model {name!r} has no version {version!r} (versions: {known})",
+                ("path", "version"),
+            )
+        found = entry.versions[number]
+        if isinstance(found, FailedModel):
+            raise ApiError.single(
+                503,
+                "model_unavailable",
+                f"{name!r} version {number} failed to load: {found.error}",
+                ("path", "version"),
+            )
+        return found
+
+
+def _is_loaded(model: LoadedModel | FailedModel) -> bool:
+    return isinstance(model, LoadedModel)

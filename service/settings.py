@@ -1,0 +1,82 @@
+"""Server configuration from CREDENCE_* environment variables; `credence-serve` flags win.
+
+Number of posterior samples per request, first match wins:
+    the request's `parameters.num_samples`
+    > the model manifest's `num_samples.default`
+    > `default_num_samples` here.
+The largest number a request may ask for is the smaller of the manifest's `num_samples.max`
+and `max_num_samples` here (a hard server cap); a default above that cap is lowered to it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """Everything `credence-serve` can be told; each field is also CREDENCE_<FIELD>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CREDENCE_", extra="ignore", protected_namespaces=()
+    )
+
+    model_dir: Path = Path("models")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda[:i]")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_rows: int = Field(256, ge=1, description="rows per model call")
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000, description="wait for more rows")
+    default_num_samples: int = Field(100, ge=1, description="when the manifest gives none")
+    max_num_samples: int = Field(1000, ge=1, description="hard cap over every model")
+    max_instances: int = Field(1024, ge=1, description="rows in one request")
+    max_queue: int = Field(256, ge=1, description="requests waiting per model version")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline; past it, 504")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's choice")
+    log_level: LogLevel = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> Settings:
+        if self.default_num_samples > self.max_num_samples:
+            raise ValueError(
+                f"default_num_samples ({self.default_num_samples}) exceeds "
+                f"max_num_samples ({self.max_num_samples})"
+            )
+        return self
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device for a validated spec; refuses CUDA that this machine does not have."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA "
+                "device(s) are visible"
+            )
+    return device

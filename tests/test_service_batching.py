@@ -1,0 +1,147 @@
+"""Dynamic batching: fewer model calls than requests, seeded answers independent of the batch,
+bounded queues (503 + Retry-After) and deadlines (504)."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    Client,
+    classification_model,
+    make_settings,
+    metric_value,
+    regression_model,
+    serve,
+)
+
+from training.summaries import summarize
+
+REG, CLF = "/v1/models/reg:predict", "/v1/models/clf:predict"
+
+
+def rows(n: int, width: int, seed: int) -> list[list[float]]:
+    rng = random.Random(seed)
+    return [[rng.uniform(-2, 2) for _ in range(width)] for _ in range(n)]
+
+
+def model_calls(client: Client, model: str) -> float:
+    text = client.get("/metrics").text
+    return metric_value(text, "credence_batch_rows_count", model=model, version="1")
+
+
+def slow_down(client: Client, model: str, seconds: float) -> None:
+    loaded = client.app.state.registry.resolve(model)
+    real = loaded.model.sample
+
+    def slow(*args: object, **kwargs: object) -> torch.Tensor:
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    loaded.model.sample = slow
+
+
+def test_concurrent_requests_share_model_calls(model_dir: Path) -> None:
+    settings = make_settings(model_dir, max_batch_delay_ms=20, max_batch_rows=512)
+    with serve(settings) as live:
+        calls = [(REG, {"instances": rows(1 + i % 3, 3, i)}) for i in range(64)]
+        responses = live.gather(*calls)
+        assert all(r.status_code == 200 for r in responses)
+        used = model_calls(live, "reg")
+        text = live.get("/metrics").text
+    assert 1 <= used < 64
+    served = metric_value(text, "credence_batch_rows_sum", model="reg", version="1")
+    assert served == sum(len(body["instances"]) for _, body in calls)
+    assert len({r.json()["seed"] for r in responses}) == 64  # each unseeded request got its own
+
+
+@pytest.mark.parametrize(("name", "width"), [("reg", 3), ("clf", 4)])
+def test_seeded_request_gets_the_same_numbers_alone_and_in_any_batch(
+    model_dir: Path, name: str, width: int
+) -> None:
+    url = f"/v1/models/{name}:predict"
+    target = {
+        "instances": rows(3, width, 0),
+        "parameters": {"seed": 7, "num_samples": 40, "credible_levels": [0.9]},
+    }
+    single = {"instances": rows(1, width, 1), "parameters": {"seed": 8, "num_samples": 33}}
+    others = []
+    for i in range(24):
+        parameters: dict = {"num_samples": [5, 40, 300][i % 3]}
+        parameters["credible_levels"] = [[0.9], [0.5], [0.9, 0.99]][i // 3 % 3]
+        if i % 4:
+            parameters["seed"] = 1000 + i
+        others.append({"instances": rows(1 + i % 5, width, 100 + i), "parameters": parameters})
+    settings = make_settings(model_dir, max_batch_delay_ms=50, max_batch_rows=1024)
+    with serve(settings) as live:
+        alone = live.post(url, json=target).json()
+        alone_single = live.post(url, json=single).json()
+        calls_before = model_calls(live, name)
+        batch = [*others[:12], target, *others[12:], single, target]
+        responses = live.gather(*((url, body) for body in batch))
+        calls = model_calls(live, name) - calls_before
+    assert all(r.status_code == 200 for r in responses)
+    assert calls < len(batch) / 2  # the requests really were batched together
+    assert responses[12].json() == alone
+    assert responses[-1].json() == alone
+    assert responses[-2].json() == alone_single
+
+
+def test_draws_and_summaries_do_not_depend_on_the_batch() -> None:
+    """The two guarantees the batcher relies on, checked bit for bit on the core: a row's
+    draws depend only on its seed (and the first n of more draws are the n draws), and
+    a row's summaries depend only on its draws."""
+    generator = torch.Generator().manual_seed(0)
+    seeds = torch.randint(0, 2**62, (41,), generator=generator)
+    for model in (regression_model(), classification_model()):
+        x = torch.randn(41, model.arch["in_features"], generator=generator)
+        batch = model.sample(x, 300, seeds)
+        summary = summarize(model.task, batch[:120], [0.9, 0.5])
+        for lo, hi in ((0, 1), (5, 6), (10, 17), (40, 41)):
+            alone = model.sample(x[lo:hi], 120, seeds[lo:hi])
+            assert torch.equal(alone, batch[:120, lo:hi])
+            for key, value in summarize(model.task, alone, [0.9, 0.5]).items():
+                mine = (slice(None), slice(lo, hi)) if key in ("lower", "upper") else slice(lo, hi)
+                assert torch.equal(value, summary[key][mine]), key
+
+
+def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
+    settings = make_settings(model_dir, max_queue=1, max_batch_rows=1, max_batch_delay_ms=0)
+    with serve(settings) as live:
+        slow_down(live, "reg", 0.3)
+        responses = live.gather(*[(REG, {"instances": [[0.0, 0.0, 0.0]]})] * 6)
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1
+    assert set(statuses) <= {200, 503}
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1"
+    assert rejected.json()["error"]["code"] == "overloaded"
+
+
+def test_deadline_is_504_and_the_server_recovers(model_dir: Path) -> None:
+    with serve(make_settings(model_dir, request_timeout_s=0.2)) as live:
+        loaded = live.app.state.registry.resolve("reg")
+        real = loaded.model.sample
+        slow_down(live, "reg", 0.5)
+        late = live.post(REG, json={"instances": [[0.0, 0.0, 0.0]]})
+        loaded.model.sample = real
+        time.sleep(0.4)  # let the slow batch finish
+        after = live.post(REG, json={"instances": [[0.0, 0.0, 0.0]]})
+    assert late.status_code == 504
+    assert late.json()["error"]["code"] == "deadline_exceeded"
+    assert after.status_code == 200
+
+
+def test_request_larger_than_the_row_budget_is_served_alone(model_dir: Path) -> None:
+    with serve(make_settings(model_dir, max_batch_rows=4, max_batch_delay_ms=10)) as live:
+        responses = live.gather(
+            (REG, {"instances": rows(10, 3, 0), "parameters": {"seed": 1}}),
+            (REG, {"instances": rows(3, 3, 1), "parameters": {"seed": 2}}),
+            (REG, {"instances": rows(2, 3, 2), "parameters": {"seed": 3}}),
+        )
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert [len(r.json()["predictions"]) for r in responses] == [10, 3, 2]
+        assert model_calls(live, "reg") == 3

@@ -1,0 +1,133 @@
+"""Configuration (CREDENCE_* variables, flags on top) and the real `credence-serve` server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import metric_value
+from pydantic import ValidationError
+
+from service.cli import load_settings, main
+from service.settings import Settings, resolve_device
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CREDENCE_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CREDENCE_PORT", "8500")
+    monkeypatch.setenv("CREDENCE_MAX_QUEUE", "7")
+    monkeypatch.setenv("CREDENCE_MAX_BATCH_DELAY_MS", "0.5")
+    monkeypatch.setenv("CREDENCE_DEVICE", "CPU")
+    monkeypatch.setenv("CREDENCE_LOG_LEVEL", "DEBUG")
+    settings = Settings()
+    assert settings.model_dir == tmp_path and settings.port == 8500
+    assert (settings.max_queue, settings.max_batch_delay_ms) == (7, 0.5)
+    assert (settings.device, settings.log_level) == ("cpu", "debug")
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CREDENCE_PORT", "8500")
+    monkeypatch.setenv("CREDENCE_MAX_QUEUE", "7")
+    settings = load_settings(["--port", "9001", "--model-dir", "elsewhere", "--device", "cpu"])
+    assert settings.port == 9001  # the flag wins
+    assert settings.max_queue == 7  # no flag: the environment stays
+    assert settings.model_dir == Path("elsewhere") and settings.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"device": "gpu"},
+        {"device": "cuda:x"},
+        {"port": 70000},
+        {"max_batch_rows": 0},
+        {"default_num_samples": 2000, "max_num_samples": 1000},
+        {"log_level": "loud"},
+    ],
+)
+def test_invalid_settings_are_refused(values: dict) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**values)
+
+
+def test_invalid_flags_exit_with_a_message(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--device", "tpu"]) == 2
+    assert "device must be auto, cpu, cuda" in capsys.readouterr().err
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    script = shutil.which("credence-serve", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "service.cli"]
+
+
+def test_real_server_end_to_end(model_dir: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CREDENCE_LOG_LEVEL": "info", "CREDENCE_MODEL_DIR": "/nonexistent"}
+    command = [*serve_command(), "--model-dir", str(model_dir), "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--device", "cpu", "--torch-threads", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                assert server.poll() is None, server.stdout.read()
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server did not become ready"
+                time.sleep(0.1)
+            body = {"instances": [[0.0, 1.0, 2.0]], "parameters": {"seed": 3}}
+            response = http.post("/v1/models/reg:predict", json=body)
+            assert response.status_code == 200, response.text
+            assert response.json()["predictions"][0]["mean"]
+            bad = http.post("/v1/models/reg:predict", content=b'{"instances": [[1, NaN, 2]]}')
+            assert bad.status_code == 422 and "NaN" in bad.json()["error"]["message"]
+            metrics = http.get("/metrics")
+            assert metrics.headers["content-type"].startswith("text/plain")
+            labels = {"model": "reg", "version": "1"}
+            assert metric_value(metrics.text, "credence_requests_total", **labels, code="200") == 1
+            assert metric_value(metrics.text, "credence_requests_total", **labels, code="422") == 1
+            assert metric_value(metrics.text, "credence_batch_rows_count", **labels) == 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            output, _ = server.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            output, _ = server.communicate()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it
+    assert server.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    assert "loaded reg v1 on cpu" in output and "refused twin v2" in output
