@@ -1,0 +1,340 @@
+"""`credence-train`: fit a Bayesian neural network on a data set and write a checkpoint.
+
+    credence-train --data toy:sine-gap
+    credence-train --data houses.csv --target price --out models --name houses
+    credence-train --data ../shared/data/uci/yacht --split 0
+
+Only --data is required: the defaults (architecture, step budget, early stopping, learned
+noise) are chosen to give a good model on small tabular data without tuning. The method's
+own options come from its declaration in `training.methods`, so adding a method adds flags
+here without changing this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from training.checkpoint import NAME_PATTERN
+from training.data import TASKS, TOY_PREFIX, TOYS, DataError, load_data, slug
+from training.fit import FitOptions
+from training.likelihoods import NOISE_KINDS
+from training.methods import METHODS
+from training.train import (
+    DEFAULT_HIDDEN,
+    DEFAULT_VAL_FRACTION,
+    EVAL_SAMPLES,
+    MIN_ROWS,
+    NUM_SAMPLES,
+    save_trained,
+    train_model,
+)
+
+FIT_DEFAULTS = FitOptions()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5], got {text!r}") from None
+    if not 0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5], got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Show a flag's default when it has a real one and its help does not already say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is d for d in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _fraction_of_budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One argument group per method, declared by the method itself (flags default None)."""
+    for name, method in METHODS.items():
+        method.add_arguments(parser.add_argument_group(f"{name} options", method.help))
+
+
+def method_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """(options for the chosen method, flags given that belong only to other methods)."""
+    chosen = METHODS[args.method]
+    options = {key: getattr(args, key, None) for key in chosen.defaults}
+    foreign = {
+        key
+        for name, method in METHODS.items()
+        if name != args.method
+        for key in method.defaults
+        if key not in chosen.defaults and getattr(args, key, None) is not None
+    }
+    return options, sorted("--" + key.replace("_", "-") for key in foreign)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="credence-train",
+        description="Fit a Bayesian neural network and write a servable checkpoint.",
+        formatter_class=_HelpFormatter,
+    )
+    toys = ", ".join(TOY_PREFIX + t for t in TOYS)
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help=f"a CSV file with a header row, a UCI benchmark folder, or a toy ({toys})",
+    )
+    data.add_argument(
+        "--target", metavar="COLUMN", help="CSV column to predict (default: the last column)"
+    )
+    data.add_argument(
+        "--split",
+        type=_nonnegative_int,
+        metavar="K",
+        help="UCI split K: train on its train rows, report on its test rows "
+        "(default: train on every row)",
+    )
+    data.add_argument(
+        "--task",
+        choices=TASKS,
+        help="default: inferred (toys know; a non-numeric CSV target means classification)",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--method", choices=sorted(METHODS), default="mc_dropout", help="posterior approximation"
+    )
+    model.add_argument(
+        "--hidden",
+        type=_positive_int,
+        nargs="+",
+        default=list(DEFAULT_HIDDEN),
+        metavar="UNITS",
+        help="hidden layer widths (default: %(default)s)",
+    )
+    model.add_argument(
+        "--activation", choices=("relu", "tanh", "gelu"), default="relu", help="hidden units"
+    )
+    model.add_argument(
+        "--noise",
+        choices=NOISE_KINDS,
+        default="homoscedastic",
+        help="regression noise: one learned variance per target, an input-dependent "
+        "variance head, or fixed by --tau",
+    )
+    model.add_argument(
+        "--tau",
+        type=_positive_float,
+        metavar="T",
+        help="noise precision in original target units, for --noise fixed",
+    )
+    model.add_argument(
+        "--noise-refit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="choose the homoscedastic noise on the validation rows after training",
+    )
+
+    fit = parser.add_argument_group("training")
+    fit.add_argument(
+        "--epochs",
+        type=_positive_int,
+        metavar="E",
+        help=f"epochs to run (default: about {FIT_DEFAULTS.target_steps} gradient steps, "
+        f"within [{FIT_DEFAULTS.min_epochs}, {FIT_DEFAULTS.max_epochs}] epochs)",
+    )
+    fit.add_argument("--lr", type=_positive_float, default=FIT_DEFAULTS.lr, help="Adam step size")
+    fit.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=FIT_DEFAULTS.batch_size,
+        metavar="B",
+        help="rows per gradient step",
+    )
+    fit.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=DEFAULT_VAL_FRACTION,
+        metavar="F",
+        help="share of the training rows held out for early stopping (0: none)",
+    )
+    fit.add_argument(
+        "--patience",
+        type=_fraction_of_budget,
+        default=FIT_DEFAULTS.patience,
+        metavar="F",
+        help="stop when the validation log-likelihood has not improved for this share of "
+        "the epochs (0: never stop early)",
+    )
+    fit.add_argument("--seed", type=int, default=0, help="seeds the split, init and dropout")
+    fit.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads (default: 1 for small models, where more threads only add overhead)",
+    )
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default="models", metavar="DIR", help="model directory")
+    out.add_argument("--name", help="model name (default: derived from --data)")
+    out.add_argument(
+        "--num-samples-default",
+        type=_positive_int,
+        default=NUM_SAMPLES["default"],
+        metavar="N",
+        help="posterior draws per request when the request does not say",
+    )
+    out.add_argument(
+        "--max-num-samples",
+        type=_positive_int,
+        default=NUM_SAMPLES["max"],
+        metavar="N",
+        help="most posterior draws a request may ask for",
+    )
+    out.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        default=EVAL_SAMPLES,
+        metavar="N",
+        help="posterior draws for the reported metrics",
+    )
+    out.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    _add_method_options(parser)
+    return parser
+
+
+def _format_metrics(metrics: dict) -> str:
+    if "rmse" in metrics:
+        return (
+            f"RMSE {metrics['rmse']:.4g}, log-likelihood {metrics['log_likelihood']:.4g}, "
+            f"95% coverage {metrics['coverage_95']:.3f}"
+        )
+    return f"accuracy {metrics['accuracy']:.4f}, NLL {metrics['nll']:.4g}, ECE {metrics['ece']:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options_of_method, foreign = method_options(args)
+    if foreign:
+        verb = "does" if len(foreign) == 1 else "do"
+        parser.error(f"{', '.join(foreign)} {verb} not apply to --method {args.method}")
+    if args.tau is not None and args.noise != "fixed":
+        parser.error("--tau sets a fixed noise precision; use it with --noise fixed")
+    if args.noise == "fixed" and args.tau is None:
+        parser.error("--noise fixed needs --tau T (the noise precision in target units)")
+    if args.num_samples_default > args.max_num_samples:
+        parser.error("--num-samples-default must not exceed --max-num-samples")
+    name = args.name or slug(args.data, args.split)
+    if not NAME_PATTERN.match(name):
+        parser.error(f"--name {name!r} must match {NAME_PATTERN.pattern}")
+    try:
+        loaded = load_data(args.data, args.target, args.split, args.task)
+    except (DataError, OSError) as exc:
+        parser.error(str(exc))
+    train = loaded.train
+    if train.task == "classification" and args.noise != "homoscedastic":
+        parser.error("--noise applies to regression only")
+    if len(train) < MIN_ROWS:
+        parser.error(f"{args.data}: {len(train)} training rows; need at least {MIN_ROWS}")
+    try:  # the method checks its own options (ranges, combinations) before any training
+        METHODS[args.method](**options_of_method)
+    except ValueError as exc:
+        parser.error(str(exc))
+    options = FitOptions(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        progress=False if args.quiet else None,
+        threads=args.threads,
+    )
+    log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    log(
+        f"credence-train: {args.data}: {len(train)} training rows, {train.num_features} "
+        f"features, {train.task} ({', '.join(train.output_names[:10])}"
+        f"{', ...' if train.num_outputs > 10 else ''})"
+        + (f"; {len(loaded.test)} test rows" if loaded.test is not None else "")
+    )
+    start = time.perf_counter()
+    result = train_model(
+        train,
+        loaded.test,
+        method=args.method,
+        method_options=options_of_method,
+        hidden=args.hidden,
+        activation=args.activation,
+        noise=args.noise if train.task == "regression" else "homoscedastic",
+        tau=args.tau,
+        val_fraction=args.val_fraction,
+        options=options,
+        eval_samples=args.eval_samples,
+        noise_refit=args.noise_refit,
+    )
+    seconds = time.perf_counter() - start
+    extra = {
+        "args": vars(args),
+        "data": {"spec": args.data, **loaded.spec},
+        "seed": args.seed,
+        "total_seconds": round(seconds, 3),
+    }
+    num_samples = {"default": args.num_samples_default, "max": args.max_num_samples}
+    path = save_trained(result, train, args.out, name, extra, num_samples)
+    fit = result.fit
+    log(
+        f"trained {args.method} in {fit.seconds:.1f}s: {fit.epochs_run} epochs "
+        f"({fit.steps} steps), best epoch {fit.best_epoch}"
+        + (" (stopped early)" if fit.stopped_early else "")
+    )
+    parts = [f"{split} {_format_metrics(m)}" for split, m in result.metrics.items()]
+    print(" | ".join([*parts, f"checkpoint {path}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Evaluation from posterior draws, in original units.
+
+Regression: RMSE of the predictive mean, the test log-likelihood of the Monte-Carlo mixture
+(log 1/n sum_s N(y | mu_s, sigma2_s), averaged over points: the number the MC-dropout papers
+report), and the coverage (PICP) and mean width of the central predictive intervals.
+Classification: accuracy, NLL of the averaged probabilities, expected calibration error.
+The predictive summaries themselves come from `training.summaries.summarize`, the code the
+server uses, so what is measured here is what is served.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from training.data import Dataset
+from training.model import PosteriorModel
+from training.summaries import summarize
+
+INTERVAL_LEVEL = 0.95
+ECE_BINS = 15
+UNCERTAINTY_QUANTILES = (0.5, 0.9, 0.99)
+CHUNK_ROWS = 4096
+
+
+def as_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(values).to(dtype)
+
+
+def sample_draws(
+    model: PosteriorModel, x: np.ndarray | torch.Tensor, n: int, seed: int
+) -> torch.Tensor:
+    """Draws [n, B, out] for every row of `x` (original units), all rows under one seed.
+
+    Rows go through in chunks to bound memory; a draw depends only on (seed, draw index), so
+    chunking does not change the numbers.
+    """
+    x = as_tensor(x, torch.float32)
+    seeds = torch.full((len(x),), seed, dtype=torch.int64)
+    parts = [
+        model.sample(x[i : i + CHUNK_ROWS], n, seeds[i : i + CHUNK_ROWS])
+        for i in range(0, len(x), CHUNK_ROWS)
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def pointwise_log_likelihood(task: str, draws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(y_i | x_i) under the Monte-Carlo predictive, per row [B], in float64."""
+    n = draws.shape[0]
+    draws = draws.double()
+    if task == "regression":
+        k = draws.shape[-1] // 2
+        mu, var = draws[..., :k], draws[..., k:]
+        y = y.double().reshape(1, -1, k)
+        log_density = -0.5 * (torch.log(2 * math.pi * var) + (y - mu) ** 2 / var)
+        per_draw = log_density.sum(-1)  # targets are independent given a draw
+    else:
+        log_p = torch.log_softmax(draws, dim=-1)
+        per_draw = log_p.gather(-1, y.long().view(1, -1, 1).expand(n, -1, 1)).squeeze(-1)
+    return torch.logsumexp(per_draw, dim=0) - math.log(n)
+
+
+def regression_metrics(
+    draws: torch.Tensor, y: torch.Tensor, level: float = INTERVAL_LEVEL
+) -> dict[str, float]:
+    """RMSE, mixture log-likelihood and interval coverage / width (averaged over targets)."""
+    y = as_tensor(y, torch.float64)
+    y = y.reshape(len(y), -1)
+    summary = summarize("regression", draws, [level])
+    lower, upper = summary["lower"][0], summary["upper"][0]
+    tag = f"{round(100 * level)}"
+    return {
+        "rmse": float((summary["mean"] - y).pow(2).mean().sqrt()),
+        "log_likelihood": float(pointwise_log_likelihood("regression", draws, y).mean()),
+        f"coverage_{tag}": float(((y >= lower) & (y <= upper)).double().mean()),
+        f"interval_width_{tag}": float((upper - lower).mean()),
+        "rows": len(y),
+        "num_samples": draws.shape[0],
+    }
+
+
+def expected_calibration_error(
+    probabilities: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS
+) -> float:
+    """Weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    confidence, predicted = probabilities.max(-1)
+    correct = (predicted == y).double()
+    which = torch.clamp((confidence * bins).long(), max=bins - 1)
+    total = torch.zeros(bins, dtype=torch.float64)
+    count = torch.bincount(which, minlength=bins).double()
+    gap = total.index_add(0, which, correct - confidence.double())
+    return float(gap.abs().sum() / count.sum())
+
+
+def classification_metrics(
+    draws: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS
+) -> dict[str, float]:
+    """Accuracy, NLL of the averaged probabilities and expected calibration error."""
+    y = as_tensor(y, torch.int64).reshape(-1)
+    summary = summarize("classification", draws, [])
+    return {
+        "accuracy": float((summary["predicted_class"] == y).double().mean()),
+        "nll": float(-pointwise_log_likelihood("classification", draws, y).mean()),
+        "ece": expected_calibration_error(summary["probabilities"], y, bins),
+        "rows": len(y),
+        "num_samples": draws.shape[0],
+    }
+
+
+def metrics_from_draws(task: str, draws: torch.Tensor, y: np.ndarray | torch.Tensor) -> dict:
+    if task == "regression":
+        return regression_metrics(draws, as_tensor(y, torch.float64))
+    return classification_metrics(draws, as_tensor(y, torch.int64))
+
+
+def evaluate(model: PosteriorModel, data: Dataset, num_samples: int = 100, seed: int = 0) -> dict:
+    """Metrics of `model` on `data`, from `num_samples` posterior draws under `seed`."""
+    return metrics_from_draws(data.task, sample_draws(model, data.x, num_samples, seed), data.y)
+
+
+def _quantiles(values: torch.Tensor, probs: Sequence[float]) -> dict[str, list[float] | float]:
+    """{"p50": ..., "p90": ...} over rows (axis 0); a list per output when values are [B, k]."""
+    q = torch.quantile(values.double(), torch.tensor(list(probs), dtype=torch.float64), dim=0)
+    return {f"p{100 * p:g}": q[i].tolist() for i, p in enumerate(probs)}
+
+
+def uncertainty_stats(
+    task: str,
+    draws: torch.Tensor,
+    probs: Sequence[float] = UNCERTAINTY_QUANTILES,
+    split: str = "validation",
+) -> dict:
+    """Quantiles of the uncertainty scores on in-distribution rows, for OOD / drift flags.
+
+    Regression: the epistemic std (original units, a list per target) and the total
+    predictive std; classification: the mutual information and the predictive entropy (nats).
+    A request whose score exceeds, say, the stored p99 is unusual for the training data.
+    """
+    summary = summarize(task, draws, [])
+    if task == "regression":
+        scores = {
+            "epistemic_std": summary["epistemic_variance"].sqrt(),
+            "std": summary["std"],
+        }
+    else:
+        scores = {
+            "mutual_information": summary["mutual_information"],
+            "entropy": summary["entropy"],
+        }
+    return {
+        "split": split,
+        "rows": draws.shape[1],
+        "num_samples": draws.shape[0],
+        "quantiles": list(probs),
+        **{name: _quantiles(values, probs) for name, values in scores.items()},
+    }

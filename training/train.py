@@ -1,0 +1,186 @@
+"""Training as a library call: data in, fitted model + metrics + checkpoint manifest out.
+
+`train_model` is what `credence-train` runs, and what tests and benchmarks call directly
+(no subprocess): hold out a seeded validation split, standardize with the statistics of the
+rows the model is fit on, build the method's model, fit with early stopping, then evaluate
+on the validation rows (and on the test rows when the data has them) from posterior draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.checkpoint import save_checkpoint
+from training.data import Dataset
+from training.fit import (
+    FitOptions,
+    FitResult,
+    auto_threads,
+    holdout_split,
+    refit_noise,
+    standardization,
+    torch_threads,
+)
+from training.likelihoods import NOISE_KINDS
+from training.methods import get_method
+from training.metrics import metrics_from_draws, sample_draws, uncertainty_stats
+from training.model import PosteriorModel
+
+DEFAULT_HIDDEN = (100, 100)
+DEFAULT_VAL_FRACTION = 0.2
+EVAL_SAMPLES = 100
+MIN_ROWS = 4  # two to fit on and two to validate on, at the least
+NUM_SAMPLES = {"default": 100, "max": 1000}
+INITIAL_NOISE_VARIANCE = 0.1  # standardized units; learned noise starts here
+
+
+@dataclass
+class TrainResult:
+    """The fitted model, its metrics per split and what the fit did.
+
+    `metrics["validation"]` is measured on the rows that chose the best epoch and the noise,
+    so it is optimistic; `metrics["test"]` (when the data has test rows) is the honest one.
+    """
+
+    model: PosteriorModel
+    metrics: dict[str, dict]
+    uncertainty_stats: dict
+    fit: FitResult
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def likelihood_config(
+    data: Dataset, stats: dict, noise: str = "homoscedastic", tau: float | None = None
+) -> dict:
+    """Head config: categorical for classifiers, else Gaussian with the chosen noise model.
+
+    `tau` is the noise precision in ORIGINAL target units (as in Gal's code); in standardized
+    units the fixed noise variance is 1 / (tau * y_std^2).
+    """
+    if data.task == "classification":
+        return {"kind": "categorical", "num_classes": data.num_outputs}
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    config: dict[str, Any] = {"kind": "gaussian", "num_targets": data.num_outputs, "noise": noise}
+    if noise == "fixed":
+        if tau is None or tau <= 0:
+            raise ValueError("fixed noise needs a positive --tau (noise precision)")
+        variances = {1.0 / (tau * s**2) for s in stats["y_std"]}
+        if len(variances) > 1:
+            raise ValueError("fixed noise with --tau supports a single target")
+        config["noise_variance"] = variances.pop()
+    elif tau is not None:
+        raise ValueError("--tau applies only to --noise fixed")
+    else:
+        config["noise_variance"] = INITIAL_NOISE_VARIANCE
+    return config
+
+
+def train_model(
+    train: Dataset,
+    test: Dataset | None = None,
+    *,
+    method: str = "mc_dropout",
+    method_options: dict[str, Any] | None = None,
+    hidden: tuple[int, ...] | list[int] = DEFAULT_HIDDEN,
+    activation: str = "relu",
+    noise: str = "homoscedastic",
+    tau: float | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    options: FitOptions | None = None,
+    eval_samples: int = EVAL_SAMPLES,
+    noise_refit: bool = True,
+) -> TrainResult:
+    """Fit `method` on `train` and evaluate; `options.seed` fixes split, init and dropout."""
+    options = options or FitOptions()
+    if len(train) < MIN_ROWS:
+        raise ValueError(f"need at least {MIN_ROWS} training rows, got {len(train)}")
+    if train.task == "classification" and train.num_outputs < 2:
+        raise ValueError("classification needs at least two classes")
+    approximation = get_method(method, **(method_options or {}))
+    fit_rows, val_rows = holdout_split(len(train), val_fraction, options.seed)
+    fit_set = train.subset(fit_rows)
+    val_set = train.subset(val_rows) if len(val_rows) else None
+    stats = standardization(fit_set)
+    likelihood = likelihood_config(train, stats, noise, tau)
+    with torch.random.fork_rng(devices=[]):  # seeded init and dropout; caller's RNG untouched
+        torch.manual_seed(options.seed)
+        model = approximation.build(train.num_features, list(hidden), activation, likelihood, stats)
+        result = approximation.train(model, fit_set, val_set, options)
+    metrics: dict[str, dict] = {}
+    with torch_threads(options.threads or auto_threads(model)):
+        refit = None
+        if noise_refit and val_set is not None:
+            refit = refit_noise(model, val_set, eval_samples, options.seed)
+        reference = val_set if val_set is not None else fit_set
+        draws = sample_draws(model, reference.x, eval_samples, options.seed)
+        split = "validation" if val_set is not None else "train"
+        metrics[split] = metrics_from_draws(train.task, draws, reference.y)
+        stats_out = uncertainty_stats(train.task, draws, split=split)
+        if test is not None and len(test):
+            test_draws = sample_draws(model, test.x, eval_samples, options.seed)
+            metrics["test"] = metrics_from_draws(train.task, test_draws, test.y)
+    config = {
+        "method": method,
+        "method_options": approximation.options,
+        "hidden": list(hidden),
+        "activation": activation,
+        "noise": noise if train.task == "regression" else None,
+        "tau": tau,
+        "val_fraction": val_fraction,
+        "fit_rows": len(fit_set),
+        "validation_rows": len(val_rows),
+        "eval_samples": eval_samples,
+        "noise_refit": refit,
+        "options": dataclasses.asdict(options),
+    }
+    return TrainResult(model, metrics, stats_out, result, config)
+
+
+def build_manifest(
+    result: TrainResult,
+    data: Dataset,
+    extra: dict | None = None,
+    num_samples: dict[str, int] | None = None,
+) -> dict:
+    """The caller-supplied manifest keys (see training.checkpoint) for a trained model."""
+    return {
+        "input": {
+            "shape": [data.num_features],
+            "dtype": "float32",
+            "feature_names": list(data.feature_names),
+        },
+        "output": {"names": list(data.output_names)},
+        "num_samples": dict(num_samples or NUM_SAMPLES),
+        "calibration": None,
+        "metrics": result.metrics,
+        "uncertainty_stats": result.uncertainty_stats,
+        "training": {
+            **result.config,
+            "epochs_run": result.fit.epochs_run,
+            "best_epoch": result.fit.best_epoch,
+            "steps": result.fit.steps,
+            "stopped_early": result.fit.stopped_early,
+            "best_val_log_likelihood": result.fit.best_val_log_likelihood,
+            "seconds": round(result.fit.seconds, 3),
+            **(extra or {}),
+        },
+    }
+
+
+def save_trained(
+    result: TrainResult,
+    data: Dataset,
+    out_dir: str | Path,
+    name: str,
+    extra: dict | None = None,
+    num_samples: dict[str, int] | None = None,
+) -> Path:
+    """Write `result.model` as a new checkpoint version of `name`; returns its folder."""
+    manifest = build_manifest(result, data, extra, num_samples)
+    return save_checkpoint(result.model, out_dir, name, manifest)
