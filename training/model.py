@@ -150,3 +150,9 @@ def build_model(config: dict, normalization: dict) -> PosteriorModel:
 
 
 __all__ = ["MODEL_TYPES", "CategoricalHead", "GaussianHead", "PosteriorModel", "build_model"]
+
+# The other methods' model classes subclass PosteriorModel and add themselves to MODEL_TYPES
+# when imported, so they are imported last.
+import training.posteriors.laplace  # noqa: E402
+import training.posteriors.stacked  # noqa: E402
+import training.posteriors.variational  # noqa: E402, F401

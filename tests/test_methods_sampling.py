@@ -1,0 +1,169 @@
+"""The sampler contract for every method: vectorized, seed-pure, and checkpoint-stable.
+
+These use small untrained models (a Laplace model gets a posterior fitted on random rows),
+because the contract is about how draws are made, not about what was learned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from training.checkpoint import read_checkpoint, save_checkpoint
+from training.model import PosteriorModel, build_model
+from training.posteriors.laplace_fit import fit_last_layer
+
+GAUSSIAN = {"kind": "gaussian", "num_targets": 2, "noise": "heteroscedastic"}
+HOMOSCEDASTIC = {"kind": "gaussian", "num_targets": 1, "noise": "homoscedastic"}
+CATEGORICAL = {"kind": "categorical", "num_classes": 3}
+TABULAR = {"x_mean": [0.5, -1.0, 0.0], "x_std": [2.0, 1.0, 0.5], "y_mean": [1.0, 2.0]}
+TABULAR["y_std"] = [3.0, 0.5]
+ONE_TARGET = {**TABULAR, "y_mean": [1.0], "y_std": [3.0]}
+IMAGES = {"x_mean": [0.1], "x_std": [0.9]}
+MLP = {"in_features": 3, "hidden": [8, 8]}
+
+CASES = {
+    "mc_dropout": ({"method": "mc_dropout", "arch": {**MLP, "dropout": 0.2}}, GAUSSIAN),
+    "variational": ({"method": "variational", "arch": MLP}, GAUSSIAN),
+    "variational-flipout-mixture": (
+        {
+            "method": "variational",
+            "arch": {**MLP, "estimator": "flipout", "prior": "mixture:0.5,1,0.01"},
+        },
+        CATEGORICAL,
+    ),
+    "variational-conv": (
+        {
+            "method": "variational",
+            "arch": {"input_shape": [2, 6, 6], "conv": [3, 4], "kernel_size": 3, "hidden": [5]},
+        },
+        CATEGORICAL,
+    ),
+    "ensemble": ({"method": "ensemble", "arch": {**MLP, "members": 4}}, GAUSSIAN),
+    "sgld": ({"method": "sgld", "arch": {**MLP, "members": 6}}, CATEGORICAL),
+    "sghmc": ({"method": "sghmc", "arch": {**MLP, "members": 3}}, HOMOSCEDASTIC),
+    "laplace-diag": ({"method": "laplace", "arch": {**MLP, "structure": "diag"}}, GAUSSIAN),
+    "laplace-kron": ({"method": "laplace", "arch": {**MLP, "structure": "kron"}}, CATEGORICAL),
+    "laplace-full": ({"method": "laplace", "arch": {**MLP, "structure": "full"}}, HOMOSCEDASTIC),
+}
+STACKED = {"ensemble", "sgld", "sghmc"}
+
+
+def _inputs(case: str, rows: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, 6, 6) if case == "variational-conv" else (3,)
+    return torch.randn(rows, *shape, generator=gen)
+
+
+def _model(case: str) -> PosteriorModel:
+    config, likelihood = CASES[case]
+    if case == "variational-conv":
+        stats = IMAGES
+    elif likelihood is CATEGORICAL:
+        stats = {k: TABULAR[k] for k in ("x_mean", "x_std")}
+    else:
+        stats = TABULAR if likelihood["num_targets"] == 2 else ONE_TARGET
+    torch.manual_seed(0)
+    model = build_model({**config, "likelihood": likelihood}, stats)
+    if config["method"] == "laplace":  # a real posterior, so that draws actually vary
+        z = torch.randn(40, 3)
+        y = torch.randint(0, 3, (40,)) if likelihood is CATEGORICAL else torch.randn(40, 1)
+        if likelihood is GAUSSIAN:
+            y = torch.randn(40, 2)
+        fit_last_layer(model, z, y)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(CASES), scope="module")
+def case(request) -> tuple[str, PosteriorModel]:
+    return request.param, _model(request.param)
+
+
+def test_draws_have_the_contract_shape(case):
+    name, model = case
+    x = _inputs(name, 5)
+    draws = model.sample(x, 7, torch.zeros(5, dtype=torch.int64))
+    raw = model.head.raw_features
+    width = 2 * model.head.num_targets if model.task == "regression" else raw
+    assert draws.shape == (7, 5, width)
+    assert torch.isfinite(draws).all()
+
+
+def test_a_seed_gets_the_same_draws_alone_and_in_any_batch(case):
+    name, model = case
+    x = _inputs(name, 6)
+    seeds = torch.tensor([7, 3, 7, 9, 3, 7])
+    mixed = model.sample(x, 10, seeds)
+    for seed in (3, 7, 9):
+        rows = seeds == seed
+        alone = model.sample(x[rows], 10, seeds[rows])
+        # float32: a batched matmul of a different shape may round the last bit differently
+        torch.testing.assert_close(mixed[:, rows], alone, rtol=1e-5, atol=1e-6)
+    shuffled = torch.tensor([5, 0, 3, 1, 4, 2])
+    torch.testing.assert_close(
+        model.sample(x[shuffled], 10, seeds[shuffled]), mixed[:, shuffled], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_different_seeds_get_independent_draws(case):
+    name, model = case
+    x = _inputs(name, 1).expand(2, *_inputs(name, 1).shape[1:])
+    draws = model.sample(x, 6, torch.tensor([1, 2]))
+    if name in STACKED:  # a fixed set of draws: draw s is member s for every seed
+        torch.testing.assert_close(draws[:, 0], draws[:, 1])
+    else:
+        assert not torch.allclose(draws[:, 0], draws[:, 1])
+        assert not torch.allclose(draws[0], draws[1])  # and the draws of one seed differ
+
+
+def test_draw_s_does_not_depend_on_how_many_draws_were_asked_for(case):
+    name, model = case
+    x = _inputs(name, 4)
+    seeds = torch.tensor([11, 12, 11, 13])
+    torch.testing.assert_close(
+        model.sample(x, 3, seeds), model.sample(x, 9, seeds)[:3], rtol=1e-5, atol=1e-6
+    )
+
+
+class _CountCalls(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _calls(model: PosteriorModel, x: torch.Tensor, n: int, seeds: torch.Tensor) -> int:
+    with _CountCalls() as counter:
+        model.sample(x, n, seeds)
+    return counter.calls
+
+
+def test_sampling_is_vectorized_over_draws_and_seeds(case):
+    """No Python loop over n or over requests: the number of torch calls is the same for 1
+    draw and 64, and for one seed and six."""
+    name, model = case
+    x = _inputs(name, 6)
+    one_seed, six_seeds = torch.zeros(6, dtype=torch.int64), torch.arange(6)
+    base = _calls(model, x, 1, one_seed)
+    assert _calls(model, x, 64, one_seed) == base
+    assert _calls(model, x, 64, six_seeds) == base
+
+
+def test_checkpoint_round_trip_gives_identical_draws(case, tmp_path):
+    name, model = case
+    x = _inputs(name, 5)
+    seeds = torch.tensor([4, 4, 8, 1, 8])
+    manifest = {
+        "input": {"shape": list(x.shape[1:]), "dtype": "float32", "feature_names": None},
+        "output": {"names": [f"o{i}" for i in range(model.head.raw_features)]},
+        "num_samples": getattr(model, "sample_limits", {"default": 10, "max": 100}),
+        "calibration": None,
+    }
+    path = save_checkpoint(model, tmp_path, "m", manifest)
+    loaded = read_checkpoint(path).build()
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(loaded.sample(x, 12, seeds), model.sample(x, 12, seeds))

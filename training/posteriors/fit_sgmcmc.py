@@ -1,0 +1,219 @@
+"""Stochastic-gradient MCMC: SGLD and SGHMC with a cyclical step size (Zhang et al. 2020).
+
+Potential per example: U(w) / N = mean minibatch NLL - log p(w) / N. With a per-example step
+size a (the learning rate of the equivalent SGD) the updates are
+
+    SGLD   w <- w - a grad + sqrt(2 a T / N) xi                 (Welling & Teh 2011)
+    SGHMC  v <- (1 - f) v - a grad + sqrt(2 f a T / N) xi,  w <- w + v   (Chen et al. 2014)
+
+(a / N is the step size on U itself), T a temperature and f the friction. Plain SGD steps
+are far slower than Adam at leaving a random initialization, so each chain first runs
+`warmup_epochs` of Adam on the same potential (a MAP fit from its own random start, as a deep
+ensemble member; part of the burn-in), then the cycles start from there. Each cycle's step
+size follows a / 2 (cos(pi t / L) + 1); its first `exploration` fraction adds no noise (an
+optimizer finding a new mode) and the rest samples. The first `burnin_cycles` cycles are
+discarded; from each later cycle `samples_per_cycle` weights are kept, `thin` steps apart,
+ending at the cycle's last step. Several chains run in parallel as stacked parameters, and
+the kept samples are stored ordered so that the first draws span cycles and chains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from training.data import Dataset
+from training.fit import FitOptions, torch_threads, validation_log_likelihood
+from training.posteriors.fit_ensemble import fit_ensemble
+from training.posteriors.loop import MethodFitResult, adam, minibatches, standardized
+from training.posteriors.stacked import StackedMLP
+
+SAMPLERS = ("sgld", "sghmc")
+
+
+@dataclass
+class SGMCMCSettings:
+    sampler: str = "sgld"
+    chains: int = 4
+    warmup_epochs: int = 100
+    cycles: int = 4
+    burnin_cycles: int = 1
+    epochs_per_cycle: int = 50
+    samples_per_cycle: int = 5
+    exploration: float = 0.5
+    step_size: float = 1e-3
+    friction: float = 0.1
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not 0 <= self.burnin_cycles < self.cycles:
+            raise ValueError("need 0 <= burnin_cycles < cycles so that some samples are kept")
+        if not 0 <= self.exploration < 1 or not 0 < self.friction <= 1:
+            raise ValueError("need 0 <= exploration < 1 and 0 < friction <= 1")
+        if min(self.chains, self.epochs_per_cycle, self.samples_per_cycle) < 1:
+            raise ValueError("chains, epochs_per_cycle and samples_per_cycle must be >= 1")
+        if self.warmup_epochs < 0:
+            raise ValueError("warmup_epochs must be >= 0")
+        if self.step_size <= 0 or self.temperature < 0:
+            raise ValueError("need step_size > 0 and temperature >= 0")
+
+    @property
+    def num_samples(self) -> int:
+        """How many weight samples are stored: chains x kept cycles x samples per cycle."""
+        return self.chains * (self.cycles - self.burnin_cycles) * self.samples_per_cycle
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    length: int  # steps per cycle
+    sampling_start: int  # first step of the cycle that injects noise
+    thin: int
+    keep: frozenset[int]  # steps of a cycle whose weights are kept
+
+    @classmethod
+    def of(cls, settings: SGMCMCSettings, steps_per_epoch: int) -> _Schedule:
+        length = settings.epochs_per_cycle * steps_per_epoch
+        start = math.ceil(settings.exploration * length)
+        thin = max(1, (length - start) // settings.samples_per_cycle)
+        keep = {length - 1 - i * thin for i in range(settings.samples_per_cycle)}
+        if min(keep) < start:
+            raise ValueError(
+                f"a cycle's sampling stage has {length - start} steps, fewer than "
+                f"samples_per_cycle={settings.samples_per_cycle}; raise epochs_per_cycle or "
+                "lower samples_per_cycle or exploration"
+            )
+        return cls(length, start, thin, frozenset(keep))
+
+    def step_size(self, base: float, t: int) -> float:
+        return 0.5 * base * (math.cos(math.pi * t / self.length) + 1)
+
+
+def _update(
+    params: list[torch.Tensor],
+    grads: tuple[torch.Tensor, ...],
+    momenta: list[torch.Tensor],
+    settings: SGMCMCSettings,
+    alpha: float,
+    noise_sd: float,
+) -> None:
+    """One SGLD or SGHMC step in place (see the module docstring)."""
+    for p, g, v in zip(params, grads, momenta, strict=True):
+        if settings.sampler == "sgld":
+            p.sub_(alpha * g)
+            if noise_sd:
+                p.add_(noise_sd * torch.randn_like(p))
+        else:
+            v.mul_(1 - settings.friction).sub_(alpha * g)
+            if noise_sd:
+                v.add_(noise_sd * torch.randn_like(v))
+            p.add_(v)
+
+
+def _noise_sd(settings: SGMCMCSettings, alpha: float, num_train: int) -> float:
+    variance = 2 * alpha * settings.temperature / num_train
+    return math.sqrt(variance * settings.friction if settings.sampler == "sghmc" else variance)
+
+
+def _draw_order(kept: list[list[torch.Tensor]], cycles_kept: int) -> list[torch.Tensor]:
+    """Snapshots [cycle, sample in cycle] of [chain, ...] tensors -> one [S, ...] tensor per
+    parameter, ordered (sample in cycle, cycle, chain) so the first draws span cycles and
+    chains rather than neighbouring steps of one chain."""
+    out = []
+    for i in range(len(kept[0])):
+        snaps = torch.stack([snapshot[i] for snapshot in kept]).unflatten(0, (cycles_kept, -1))
+        out.append(snaps.transpose(0, 1).flatten(0, 2))
+    return out
+
+
+def fit_sgmcmc(
+    model: StackedMLP,
+    train: Dataset,
+    val: Dataset | None,
+    options: FitOptions,
+    settings: SGMCMCSettings,
+) -> MethodFitResult:
+    """Run the chains and store the kept samples in `model` (members = settings.num_samples).
+
+    A learned homoscedastic noise (the head's parameter) is not sampled: it is a point
+    estimate fitted by Adam on the same minibatches (empirical Bayes).
+    """
+    if model.members != settings.num_samples:
+        raise ValueError(f"model has {model.members} members, settings keep {settings.num_samples}")
+    start_time = time.perf_counter()
+    n = len(train)
+    chain = type(model)(
+        {**model.arch, "members": settings.chains}, model.head.config(), model.normalizer.stats
+    )
+    chain.head.load_state_dict(model.head.state_dict())
+    if settings.warmup_epochs:
+        warmup = dataclasses.replace(options, epochs=settings.warmup_epochs, patience=None)
+        fit_ensemble(chain, train, None, warmup)
+        chain.train()
+    params = chain.body_parameters()
+    head_params = list(chain.head.parameters())
+    head_opt = adam(head_params, options.lr) if head_params else None
+    momenta = [torch.zeros_like(p) for p in params]
+    steps_per_epoch = math.ceil(n / options.batch_size)
+    schedule = _Schedule.of(settings, steps_per_epoch)
+    kept: list[list[torch.Tensor]] = []
+    nll_per_epoch: list[float] = []
+    with torch_threads(options.threads):
+        x, y = standardized(chain, train)
+        shuffle = torch.Generator().manual_seed(options.seed)
+        for cycle in range(settings.cycles):
+            t = 0
+            for _ in range(settings.epochs_per_cycle):
+                total = 0.0
+                for rows in minibatches(n, options.batch_size, shuffle):
+                    nll = chain.member_nll(chain(x[rows]), y[rows])
+                    grads = torch.autograd.grad(
+                        nll.sum() + chain.penalty(n), [*params, *head_params]
+                    )
+                    alpha = schedule.step_size(settings.step_size, t)
+                    noise_sd = _noise_sd(settings, alpha, n) if t >= schedule.sampling_start else 0
+                    with torch.no_grad():
+                        _update(params, grads[: len(params)], momenta, settings, alpha, noise_sd)
+                    if head_opt is not None:
+                        for p, g in zip(head_params, grads[len(params) :], strict=True):
+                            p.grad = g
+                        head_opt.step()
+                    if cycle >= settings.burnin_cycles and t in schedule.keep:
+                        kept.append([p.detach().clone() for p in params])
+                    total += float(nll.detach().mean()) * len(rows)
+                    t += 1
+                if not math.isfinite(total):
+                    raise FloatingPointError(
+                        f"{settings.sampler} diverged in cycle {cycle}; use a smaller step size"
+                    )
+                nll_per_epoch.append(total / n)
+        stacked = _draw_order(kept, settings.cycles - settings.burnin_cycles)
+        model.load_members(stacked[: len(model.weights)], stacked[len(model.weights) :])
+        model.head.load_state_dict(chain.head.state_dict())
+        model.eval()
+        val_ll = validation_log_likelihood(model, val, model.members, options.seed) if val else None
+    epochs = settings.cycles * settings.epochs_per_cycle
+    return MethodFitResult(
+        epochs_run=epochs,
+        steps=epochs * steps_per_epoch,
+        best_epoch=epochs,
+        best_val_log_likelihood=val_ll,
+        stopped_early=False,
+        seconds=time.perf_counter() - start_time,
+        history=[(epochs, val_ll)] if val_ll is not None else [],
+        metrics={
+            "epochs": {"nll": nll_per_epoch},
+            "sgmcmc": {
+                **asdict(settings),
+                "num_samples": settings.num_samples,
+                "steps_per_cycle": schedule.length,
+                "sampling_start": schedule.sampling_start,
+                "thin": schedule.thin,
+            },
+        },
+    )

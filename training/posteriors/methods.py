@@ -1,0 +1,219 @@
+"""`credence-train --method variational|ensemble|sgld|sghmc|laplace`: the methods' options,
+model construction and training, as `training.methods.Method` classes.
+
+Importing this module adds them to `training.methods.METHODS`, the one dispatch table the CLI
+reads. Flags that several methods share (--prior, the SG-MCMC schedule) are declared once with
+default None; each method substitutes its own default, so `--prior` means the same thing
+whichever method it is given to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Any, ClassVar
+
+from training.data import Dataset
+from training.fit import FitOptions
+from training.methods import METHODS, Method
+from training.model import PosteriorModel
+from training.posteriors.fit_ensemble import fit_ensemble
+from training.posteriors.fit_laplace import fit_laplace
+from training.posteriors.fit_sgmcmc import SGMCMCSettings, fit_sgmcmc
+from training.posteriors.fit_variational import fit_variational
+from training.posteriors.laplace import STRUCTURES, LastLayerLaplace
+from training.posteriors.loop import MethodFitResult
+from training.posteriors.stacked import DeepEnsemble, SGHMCSamples, SGLDSamples
+from training.posteriors.variational import ESTIMATORS, VariationalNet
+from training.priors import DEFAULT_PRIOR, parse_prior
+
+
+def _declare(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
+    """Add `flag` unless another method already declared it (same meaning, default None)."""
+    with contextlib.suppress(argparse.ArgumentError):
+        group.add_argument(flag, default=None, **kwargs)
+
+
+def _declare_prior(group: argparse._ArgumentGroup) -> None:
+    _declare(
+        group,
+        "--prior",
+        metavar="SPEC",
+        help=f"weight prior: normal:SIGMA or mixture:PI,SIGMA1,SIGMA2 (default: {DEFAULT_PRIOR})",
+    )
+
+
+class _PosteriorMethod(Method):
+    """Options left at None (not given on the command line) take the method's default."""
+
+    def __init__(self, **options: Any):
+        super().__init__(**{k: v for k, v in options.items() if v is not None})
+        if "prior" in self.options:
+            self.options["prior"] = parse_prior(self.options["prior"]).spec
+
+    def _arch(self, in_features: int, hidden: list[int], activation: str) -> dict:
+        return {"in_features": in_features, "hidden": list(hidden), "activation": activation}
+
+
+class Variational(_PosteriorMethod):
+    name = "variational"
+    help = "mean-field variational inference (Bayes by Backprop)"
+    defaults: ClassVar[dict[str, Any]] = {
+        "prior": DEFAULT_PRIOR,
+        "estimator": "local",
+        "moped_delta": None,
+    }
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        _declare_prior(group)
+        _declare(
+            group,
+            "--estimator",
+            choices=ESTIMATORS,
+            help="variational gradient estimator: local reparameterization or flipout",
+        )
+        _declare(
+            group,
+            "--moped-delta",
+            type=float,
+            metavar="D",
+            help="MOPED: start from a deterministic fit with scales D |w| (default: off)",
+        )
+
+    def build(
+        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
+    ) -> PosteriorModel:
+        arch = self._arch(in_features, hidden, activation)
+        arch |= {"prior": self.options["prior"], "estimator": self.options["estimator"]}
+        return VariationalNet(arch, likelihood, stats)
+
+    def train(
+        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+    ) -> MethodFitResult:
+        return fit_variational(model, train, val, options, self.options["moped_delta"])
+
+
+class Ensemble(_PosteriorMethod):
+    name = "ensemble"
+    help = "deep ensemble (use --noise heteroscedastic for the paper's Gaussian heads)"
+    defaults: ClassVar[dict[str, Any]] = {"prior": DEFAULT_PRIOR, "members": 5}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        _declare_prior(group)
+        _declare(group, "--members", type=int, metavar="M", help="ensemble size (default: 5)")
+
+    def build(
+        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
+    ) -> PosteriorModel:
+        arch = self._arch(in_features, hidden, activation)
+        arch |= {"members": self.options["members"], "prior": self.options["prior"]}
+        return DeepEnsemble(arch, likelihood, stats)
+
+    def train(
+        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+    ) -> MethodFitResult:
+        return fit_ensemble(model, train, val, options)
+
+
+_SGMCMC_FLAGS = {  # setting -> (type, help)
+    "chains": (int, "parallel chains"),
+    "warmup_epochs": (int, "Adam epochs that start each chain"),
+    "cycles": (int, "cyclical step-size cycles"),
+    "burnin_cycles": (int, "cycles discarded as burn-in"),
+    "epochs_per_cycle": (int, "epochs per cycle"),
+    "samples_per_cycle": (int, "samples kept per cycle and chain"),
+    "exploration": (float, "noise-free fraction of each cycle"),
+    "step_size": (float, "peak per-example step size"),
+    "friction": (float, "SGHMC friction"),
+    "temperature": (float, "posterior temperature"),
+}
+
+
+class _SGMCMC(_PosteriorMethod):
+    sampler: ClassVar[str]
+    model_type: ClassVar[type[PosteriorModel]]
+    step_size: ClassVar[float]
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        _declare_prior(group)
+        for setting, (kind, text) in _SGMCMC_FLAGS.items():
+            default = getattr(SGMCMCSettings, setting)
+            flag = "--" + setting.replace("_", "-")
+            _declare(group, flag, type=kind, help=f"SG-MCMC: {text} (default: {default})")
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        fields = {k: self.options[k] for k in _SGMCMC_FLAGS}
+        self.settings = SGMCMCSettings(sampler=self.sampler, **fields)
+
+    def build(
+        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
+    ) -> PosteriorModel:
+        arch = self._arch(in_features, hidden, activation)
+        arch |= {"members": self.settings.num_samples, "prior": self.options["prior"]}
+        return self.model_type(arch, likelihood, stats)
+
+    def train(
+        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+    ) -> MethodFitResult:
+        return fit_sgmcmc(model, train, val, options, self.settings)
+
+
+def _sgmcmc_defaults(step_size: float) -> dict[str, Any]:
+    base = {k: getattr(SGMCMCSettings, k) for k in _SGMCMC_FLAGS}
+    return {"prior": DEFAULT_PRIOR, **base, "step_size": step_size}
+
+
+class SGLD(_SGMCMC):
+    name = sampler = "sgld"
+    help = "stochastic-gradient Langevin dynamics, cyclical step size"
+    model_type = SGLDSamples
+    defaults: ClassVar[dict[str, Any]] = _sgmcmc_defaults(1e-3)
+
+
+class SGHMC(_SGMCMC):
+    name = sampler = "sghmc"
+    help = "stochastic-gradient Hamiltonian Monte Carlo, cyclical step size"
+    model_type = SGHMCSamples
+    defaults: ClassVar[dict[str, Any]] = _sgmcmc_defaults(1e-4)
+
+
+class Laplace(_PosteriorMethod):
+    name = "laplace"
+    help = "last-layer Laplace approximation of a MAP network"
+    defaults: ClassVar[dict[str, Any]] = {
+        "prior": DEFAULT_PRIOR,
+        "structure": "kron",
+        "prior_precision": None,
+    }
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        _declare_prior(group)
+        _declare(group, "--structure", choices=STRUCTURES, help="Laplace: Hessian structure")
+        _declare(
+            group,
+            "--prior-precision",
+            type=float,
+            metavar="LAMBDA",
+            help="Laplace: last-layer prior precision (default: tuned by the evidence)",
+        )
+
+    def build(
+        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
+    ) -> PosteriorModel:
+        arch = self._arch(in_features, hidden, activation)
+        arch |= {"structure": self.options["structure"], "prior": self.options["prior"]}
+        return LastLayerLaplace(arch, likelihood, stats)
+
+    def train(
+        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+    ) -> MethodFitResult:
+        return fit_laplace(model, train, val, options, self.options["prior_precision"])
+
+
+for _method in (Variational, Ensemble, SGLD, SGHMC, Laplace):
+    METHODS[_method.name] = _method
