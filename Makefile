@@ -9,7 +9,7 @@ MODEL_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo serve test lint format bench-serve bench-uci clean
+.PHONY: install demo test lint format bench-uci bench-methods clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ lint: install
 format: install
 	$(BIN)/ruff format training service tests benchmarks
 	$(BIN)/ruff check --fix training service tests benchmarks
+
+# Benchmarks: never run by CI; each writes or prints a table with its command and machine.
+bench-uci: install
+	$(BIN)/python benchmarks/uci.py bostonHousing concrete energy wine-quality-red yacht --splits 0-19
+
+bench-methods: install
+	$(BIN)/python benchmarks/methods_vectorization.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

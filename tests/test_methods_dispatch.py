@@ -8,6 +8,7 @@ import pytest
 import torch
 from methods_support import sine_gap
 
+from training import cli
 from training.checkpoint import read_checkpoint
 from training.data import load_toy
 from training.fit import FitOptions
@@ -53,3 +54,14 @@ def test_train_save_reload_sample(method, toy, tmp_path):
     x = torch.as_tensor(train.x[:6])
     seeds = torch.tensor([1, 1, 2, 3, 3, 3])
     torch.testing.assert_close(loaded.build().sample(x, 4, seeds), result.model.sample(x, 4, seeds))
+
+
+def test_cli_caps_num_samples_at_the_stored_draws(tmp_path):
+    """An ensemble of M members has M distinct draws: the manifest must not promise more."""
+    method = ["--method", "ensemble", "--members", "3", "--epochs", "2", "--hidden", "8"]
+    output = ["--out", str(tmp_path), "--name", "ens", "--quiet"]
+    cli.main(["--data", "toy:sine-gap", *method, *output])
+    manifest = read_checkpoint(tmp_path / "ens" / "1").manifest
+    assert manifest["num_samples"] == {"default": 3, "max": 3}
+    assert manifest["training"]["eval_samples"] == 3
+    assert "method_metrics" in manifest["training"]

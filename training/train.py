@@ -112,6 +112,7 @@ def train_model(
         torch.manual_seed(options.seed)
         model = approximation.build(train.num_features, list(hidden), activation, likelihood, stats)
         result = approximation.train(model, fit_set, val_set, options)
+    eval_samples = min(eval_samples, sample_limits(model)["max"])
     metrics: dict[str, dict] = {}
     with torch_threads(options.threads or auto_threads(model)):
         refit = None
@@ -142,6 +143,16 @@ def train_model(
     return TrainResult(model, metrics, stats_out, result, config)
 
 
+def sample_limits(model: PosteriorModel, requested: dict[str, int] | None = None) -> dict:
+    """Default and maximum draws per request. A stored set of M draws (ensemble members,
+    SG-MCMC samples) has exactly M distinct draws, so both are capped at M."""
+    limits = dict(requested or NUM_SAMPLES)
+    cap = getattr(model, "sample_limits", None)
+    if cap is not None:
+        limits = cap if requested is None else {k: min(v, cap["max"]) for k, v in limits.items()}
+    return limits
+
+
 def build_manifest(
     result: TrainResult,
     data: Dataset,
@@ -156,7 +167,7 @@ def build_manifest(
             "feature_names": list(data.feature_names),
         },
         "output": {"names": list(data.output_names)},
-        "num_samples": dict(num_samples or NUM_SAMPLES),
+        "num_samples": sample_limits(result.model, num_samples),
         "calibration": None,
         "metrics": result.metrics,
         "uncertainty_stats": result.uncertainty_stats,
@@ -168,6 +179,7 @@ def build_manifest(
             "stopped_early": result.fit.stopped_early,
             "best_val_log_likelihood": result.fit.best_val_log_likelihood,
             "seconds": round(result.fit.seconds, 3),
+            "method_metrics": getattr(result.fit, "metrics", {}),
             **(extra or {}),
         },
     }
