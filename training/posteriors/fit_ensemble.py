@@ -11,15 +11,14 @@ from __future__ import annotations
 import torch
 
 from training.data import Dataset
-from training.fit import FitOptions
+from training.fit import FitOptions, FitResult, Terms, fit
 from training.model import PosteriorModel
-from training.posteriors.loop import MethodFitResult, Terms, train_loop
 from training.posteriors.stacked import StackedMLP
 
 
 def fit_ensemble(
     model: StackedMLP, train: Dataset, val: Dataset | None, options: FitOptions
-) -> MethodFitResult:
+) -> FitResult:
     """Fit every member in place; early-stops on the ensemble's validation predictive."""
     n = len(train)
 
@@ -27,12 +26,12 @@ def fit_ensemble(
         nll = model.member_nll(model(x), y)
         return nll.sum() + model.penalty(n), {"nll": nll.detach().mean()}
 
-    return train_loop(model, train, val, options, loss_fn, val_samples=model.members)
+    return fit(model, train, val, options, loss_fn, val_samples=model.members)
 
 
 def fit_map(
     model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
-) -> MethodFitResult:
+) -> FitResult:
     """MAP fit of a deterministic model: mean NLL + model.penalty(N)."""
     n = len(train)
 
@@ -40,4 +39,4 @@ def fit_map(
         nll = model.head.nll(model(x), y).mean()
         return nll + model.penalty(n), {"nll": nll.detach()}
 
-    return train_loop(model, train, val, options, loss_fn, val_samples=1)
+    return fit(model, train, val, options, loss_fn, val_samples=1)

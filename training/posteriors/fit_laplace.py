@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from training.data import Dataset
-from training.fit import FitOptions, torch_threads
+from training.fit import FitOptions, FitResult, standardized, torch_threads
 from training.posteriors.fit_ensemble import fit_map
 from training.posteriors.laplace import LastLayerLaplace
 from training.posteriors.laplace_fit import fit_last_layer
-from training.posteriors.loop import MethodFitResult, standardized
 
 
 def fit_laplace(
@@ -16,7 +15,7 @@ def fit_laplace(
     val: Dataset | None,
     options: FitOptions,
     prior_precision: float | None = None,
-) -> MethodFitResult:
+) -> FitResult:
     """MAP-train `model` under its prior, then fit the last-layer posterior on the training
     rows; `prior_precision` None tunes it by the Laplace evidence."""
     result = fit_map(model, train, val, options)

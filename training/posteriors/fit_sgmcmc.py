@@ -27,9 +27,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from training.data import Dataset
-from training.fit import FitOptions, torch_threads, validation_log_likelihood
+from training.fit import (
+    FitOptions,
+    FitResult,
+    adam,
+    minibatches,
+    standardized,
+    torch_threads,
+    validation_log_likelihood,
+)
 from training.posteriors.fit_ensemble import fit_ensemble
-from training.posteriors.loop import MethodFitResult, adam, minibatches, standardized
 from training.posteriors.stacked import StackedMLP
 
 SAMPLERS = ("sgld", "sghmc")
@@ -137,7 +144,7 @@ def fit_sgmcmc(
     val: Dataset | None,
     options: FitOptions,
     settings: SGMCMCSettings,
-) -> MethodFitResult:
+) -> FitResult:
     """Run the chains and store the kept samples in `model` (members = settings.num_samples).
 
     A learned homoscedastic noise (the head's parameter) is not sampled: it is a point
@@ -198,7 +205,7 @@ def fit_sgmcmc(
         model.eval()
         val_ll = validation_log_likelihood(model, val, model.members, options.seed) if val else None
     epochs = settings.cycles * settings.epochs_per_cycle
-    return MethodFitResult(
+    return FitResult(
         epochs_run=epochs,
         steps=epochs * steps_per_epoch,
         best_epoch=epochs,

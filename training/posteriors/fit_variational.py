@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from training.data import Dataset
-from training.fit import FitOptions
-from training.posteriors.loop import MethodFitResult, Terms, train_loop
+from training.fit import FitOptions, FitResult, Terms, fit
 from training.posteriors.stacked import DeepEnsemble
 from training.posteriors.variational import VariationalNet
 
@@ -26,7 +25,7 @@ def elbo_terms(model: VariationalNet, x: torch.Tensor, y: torch.Tensor, num_trai
 
 def moped_init(
     model: VariationalNet, train: Dataset, val: Dataset | None, options: FitOptions, delta: float
-) -> MethodFitResult:
+) -> FitResult:
     """MOPED (Krishnan et al. 2020): fit the deterministic network (MAP under the same prior),
     then start q at means = its weights and scales = delta |w|."""
     if len(model.convs):
@@ -40,7 +39,7 @@ def moped_init(
         nll = deterministic.member_nll(deterministic(x), y).sum()
         return nll + deterministic.penalty(n), {"nll": nll.detach()}
 
-    result = train_loop(deterministic, train, val, options, loss_fn, val_samples=1)
+    result = fit(deterministic, train, val, options, loss_fn, val_samples=1)
     for layer, w, b in zip(model.layers, deterministic.weights, deterministic.biases, strict=True):
         layer.set_posterior(w[0].T.detach(), b[0, 0].detach(), delta)
     model.head.load_state_dict(deterministic.head.state_dict())
@@ -53,7 +52,7 @@ def fit_variational(
     val: Dataset | None,
     options: FitOptions,
     moped_delta: float | None = None,
-) -> MethodFitResult:
+) -> FitResult:
     """Maximize the ELBO of `model` in place; early-stops on the validation predictive."""
     n = len(train)
     start = moped_init(model, train, val, options, moped_delta) if moped_delta else None
@@ -62,7 +61,7 @@ def fit_variational(
         terms = elbo_terms(model, x, y, n)
         return -terms["elbo"], {name: value.detach() for name, value in terms.items()}
 
-    result = train_loop(model, train, val, options, loss_fn)
+    result = fit(model, train, val, options, loss_fn)
     if start is not None:
         result.metrics["moped"] = {
             "delta": moped_delta,

@@ -14,7 +14,7 @@ import contextlib
 from typing import Any, ClassVar
 
 from training.data import Dataset
-from training.fit import FitOptions
+from training.fit import FitOptions, FitResult
 from training.methods import METHODS, Method
 from training.model import PosteriorModel
 from training.posteriors.fit_ensemble import fit_ensemble
@@ -22,7 +22,6 @@ from training.posteriors.fit_laplace import fit_laplace
 from training.posteriors.fit_sgmcmc import SGMCMCSettings, fit_sgmcmc
 from training.posteriors.fit_variational import fit_variational
 from training.posteriors.laplace import STRUCTURES, LastLayerLaplace
-from training.posteriors.loop import MethodFitResult
 from training.posteriors.stacked import DeepEnsemble, SGHMCSamples, SGLDSamples
 from training.posteriors.variational import ESTIMATORS, VariationalNet
 from training.priors import DEFAULT_PRIOR, parse_prior
@@ -90,7 +89,7 @@ class Variational(_PosteriorMethod):
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
-    ) -> MethodFitResult:
+    ) -> FitResult:
         return fit_variational(model, train, val, options, self.options["moped_delta"])
 
 
@@ -113,7 +112,7 @@ class Ensemble(_PosteriorMethod):
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
-    ) -> MethodFitResult:
+    ) -> FitResult:
         return fit_ensemble(model, train, val, options)
 
 
@@ -158,7 +157,7 @@ class _SGMCMC(_PosteriorMethod):
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
-    ) -> MethodFitResult:
+    ) -> FitResult:
         return fit_sgmcmc(model, train, val, options, self.settings)
 
 
@@ -211,7 +210,7 @@ class Laplace(_PosteriorMethod):
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
-    ) -> MethodFitResult:
+    ) -> FitResult:
         return fit_laplace(model, train, val, options, self.options["prior_precision"])
 
 
