@@ -13,9 +13,10 @@ here without changing this module.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from training.checkpoint import NAME_PATTERN
 from training.data import TASKS, TOY_PREFIX, TOYS, DataError, load_data, slug
@@ -35,44 +36,28 @@ from training.train import (
 FIT_DEFAULTS = FitOptions()
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _bounded(
+    kind: type[int] | type[float], low: float, high: float, what: str
+) -> Callable[[str], int | float]:
+    """An argparse type: `kind` parsed from the flag's text, refused outside [low, high]."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5], got {text!r}") from None
-    if not 0 <= value <= 0.5:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5], got {value}")
-    return value
+_positive_int = _bounded(int, 1, math.inf, "a positive integer")
+_nonnegative_int = _bounded(int, 0, math.inf, "an integer >= 0")
+_positive_float = _bounded(float, math.nextafter(0, 1), math.inf, "a positive number")
+_fraction = _bounded(float, 0, 0.5, "a number in [0, 0.5]")
+_fraction_of_budget = _bounded(float, 0, 1, "a number in [0, 1]")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -83,16 +68,6 @@ class _HelpFormatter(argparse.HelpFormatter):
         if "default" in text or any(action.default is d for d in (None, False, argparse.SUPPRESS)):
             return text
         return f"{text} (default: %(default)s)"
-
-
-def _fraction_of_budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
