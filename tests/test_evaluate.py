@@ -1,0 +1,70 @@
+"""credence-eval: the metrics training reported, and the numbers the server serves."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_settings, serve
+
+from training import cli, evaluate
+from training.checkpoint import latest_checkpoint
+from training.data import load_data
+from training.metrics import sample_draws
+from training.summaries import summarize
+
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    fit = ["--epochs", "30", "--hidden", "32", "32", "--seed", str(SEED), "--eval-samples", "50"]
+    cli.main(["--data", "toy:sine-gap", *fit, "--out", str(root), "--name", "toy", "--quiet"])
+    return root
+
+
+def test_reproduces_the_test_metrics_recorded_at_training(model_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    argv = ["--model", str(model_dir / "toy"), "--data", "toy:sine-gap", "--seed", str(SEED)]
+    assert evaluate.main([*argv, "--num-samples", "50", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert (report["model"], report["version"], report["rows"]) == ("toy", 1, "test")
+    recorded = latest_checkpoint(model_dir, "toy").manifest["metrics"]["test"]
+    assert report["metrics"] == pytest.approx(recorded, rel=1e-12)
+
+
+def test_served_mean_and_intervals_equal_the_evaluated_ones(model_dir):
+    x = load_data("toy:sine-gap").test.x[:16]
+    checkpoint = evaluate.load_model_path(model_dir / "toy" / "1")
+    expected = summarize("regression", sample_draws(checkpoint.build(), x, 80, SEED), [0.9])
+    body = {"instances": x.tolist(), "parameters": {"num_samples": 80, "seed": SEED}}
+    body["parameters"]["credible_levels"] = [0.9]
+    with serve(make_settings(model_dir)) as client:
+        response = client.post("/v1/models/toy:predict", json=body)
+    assert response.status_code == 200, response.text
+    served = response.json()["predictions"]
+    mean = torch.tensor([p["mean"] for p in served], dtype=torch.float64)
+    lower = torch.tensor([p["intervals"][0]["lower"] for p in served], dtype=torch.float64)
+    upper = torch.tensor([p["intervals"][0]["upper"] for p in served], dtype=torch.float64)
+    torch.testing.assert_close(mean, expected["mean"], rtol=0, atol=0)
+    torch.testing.assert_close(lower, expected["lower"][0], rtol=0, atol=0)
+    torch.testing.assert_close(upper, expected["upper"][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "toy:moons"], "is a regression model; the data is classification"),
+        (["--data", "toy:sine-gap", "--num-samples", "5000"], r"--num-samples must be in \[1, "),
+    ],
+)
+def test_incompatible_requests_are_refused_with_a_reason(model_dir, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", str(model_dir / "toy"), *argv])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
