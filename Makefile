@@ -9,7 +9,7 @@ MODEL_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo test lint format bench-uci bench-methods clean
+.PHONY: install demo test lint format bench-uci bench-methods bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,9 @@ format: install
 # Benchmarks: never run by CI; each writes or prints a table with its command and machine.
 bench-uci: install
 	$(BIN)/python benchmarks/uci.py bostonHousing concrete energy wine-quality-red yacht --splits 0-19
+
+bench-serve: install
+	$(BIN)/python benchmarks/serve.py
 
 bench-methods: install
 	$(BIN)/python benchmarks/methods_vectorization.py
