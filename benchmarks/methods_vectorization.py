@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from training.model import PosteriorModel, build_model
 from training.posteriors.laplace_fit import fit_last_layer
@@ -84,16 +85,6 @@ def measure(method: str, rows: int, repeats: int) -> dict[str, float]:
     looped = best_ms(loop, max(1, repeats // 2))
     mixed = best_ms(lambda: model.sample(x, DRAWS, eight), repeats)
     return {"n1": single, "n100": vectorized, "loop": looped, "mixed": mixed}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine() -> str:

@@ -39,6 +39,8 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -329,16 +331,6 @@ def run_loadgen(port: int, concurrency: int, warmup_s: float, duration_s: float)
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fmt(v: float | None, digits: int = 1) -> str:
