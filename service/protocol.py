@@ -104,6 +104,22 @@ def parse_predict(body: bytes, spec: ModelSpec, max_instances: int) -> PredictRe
     return PredictRequest(x, num_samples, levels, seed)
 
 
+def _integer(
+    parameters: dict, key: str, low: int, high: int, allowed: str, problems: list[Problem]
+) -> int | None:
+    """parameters[key] when it is an integer in [low, high]; None when absent or refused
+    (a refusal is added to `problems`, saying what is `allowed`)."""
+    value = parameters.get(key)
+    if value is None:
+        return None
+    if type(value) is int and low <= value <= high:
+        return value
+    code = "out_of_range" if type(value) is int else "wrong_type"
+    message = f"{key} must be {allowed}, got {describe(value)}"
+    problems.append(Problem(code, message, ("parameters", key)))
+    return None
+
+
 def _parameters(
     value: object, spec: ModelSpec, problems: list[Problem]
 ) -> tuple[int, tuple[float, ...], int | None]:
@@ -124,35 +140,15 @@ def _parameters(
                     ("parameters", key),
                 )
             )
-    n = value.get("num_samples")
-    if n is not None:
-        if type(n) is int and 1 <= n <= spec.max_num_samples:
-            num_samples = n
-        else:
-            problems.append(
-                Problem(
-                    "out_of_range" if type(n) is int else "wrong_type",
-                    f"num_samples must be an integer from 1 to {spec.max_num_samples} for "
-                    f"this model, got {describe(n)}",
-                    ("parameters", "num_samples"),
-                )
-            )
+    most = spec.max_num_samples
+    allowed = f"an integer from 1 to {most} for this model"
+    num_samples = _integer(value, "num_samples", 1, most, allowed, problems) or num_samples
     raw_levels = value.get("credible_levels")
     if raw_levels is not None:
         levels = _levels(raw_levels, problems) or levels
-    s = value.get("seed")
-    if s is not None:
-        if type(s) is int and 0 <= s <= MAX_SEED:
-            seed = s
-        else:
-            problems.append(
-                Problem(
-                    "out_of_range" if type(s) is int else "wrong_type",
-                    f"seed must be an integer from 0 to 2**63 - 1 ({MAX_SEED}) or null, "
-                    f"got {describe(s)}",
-                    ("parameters", "seed"),
-                )
-            )
+    seed = _integer(
+        value, "seed", 0, MAX_SEED, f"an integer from 0 to 2**63 - 1 ({MAX_SEED}) or null", problems
+    )
     return num_samples, levels, seed
 
 
