@@ -144,13 +144,15 @@ def _calls(model: PosteriorModel, x: torch.Tensor, n: int, seeds: torch.Tensor) 
 
 def test_sampling_is_vectorized_over_draws_and_seeds(case):
     """No Python loop over n or over requests: the number of torch calls is the same for 1
-    draw and 64, and for one seed and six."""
+    draw and 64, and for one seed and three (rows sharing seeds), or for six rows and twelve
+    with a seed each (a model may take a shortcut when no two rows share a seed)."""
     name, model = case
-    x = _inputs(name, 6)
-    one_seed, six_seeds = torch.zeros(6, dtype=torch.int64), torch.arange(6)
-    base = _calls(model, x, 1, one_seed)
-    assert _calls(model, x, 64, one_seed) == base
-    assert _calls(model, x, 64, six_seeds) == base
+    x = _inputs(name, 12)
+    shared = _calls(model, x[:6], 1, torch.zeros(6, dtype=torch.int64))
+    assert _calls(model, x[:6], 64, torch.zeros(6, dtype=torch.int64)) == shared
+    assert _calls(model, x[:6], 64, torch.tensor([0, 0, 1, 1, 2, 2])) == shared
+    distinct = _calls(model, x[:6], 1, torch.arange(6))
+    assert _calls(model, x, 64, torch.arange(12)) == distinct
 
 
 def test_checkpoint_round_trip_gives_identical_draws(case, tmp_path):

@@ -120,12 +120,15 @@ class MCDropoutMLP(PosteriorModel):
 
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
         unique, row_of = torch.unique(seeds, return_inverse=True)
+        if unique.numel() == seeds.numel():  # one seed per row: masks per row, no gather
+            unique, row_of = seeds, None
         h = z.unsqueeze(0)  # [1, B, D]: broadcast to [n, B, width] at the first mask
         for i, layer in enumerate(self.layers):
+            weight = layer.weight
             if self._dropped(i):
-                keep = rng.bernoulli(rng.draw_keys(unique, n, stream=i), h.shape[-1], 1 - self.p)
-                h = h * (keep[:, row_of].to(h.dtype) / (1 - self.p))
-            h = layer(h)
+                h = _dropout(h, rng.draw_keys(unique, n, stream=i), row_of, 1 - self.p)
+                weight = weight * (1 / (1 - self.p))  # the dropout rescale, on the smaller side
+            h = F.linear(h, weight, layer.bias)
             if i < len(self.layers) - 1:
                 h = self.activation(h)
         return h.expand(n, *h.shape[1:])
@@ -136,6 +139,21 @@ class MCDropoutMLP(PosteriorModel):
             keep = 1 - self.p if self._dropped(i) else 1.0
             total = total + self.lengthscale**2 * keep / (2 * num_train) * layer.weight.pow(2).sum()
         return total
+
+
+def _dropout(
+    h: torch.Tensor, keys: torch.Tensor, row_of: torch.Tensor | None, keep: float
+) -> torch.Tensor:
+    """h [1 or n, B, W] times the keep masks [n, U, W] of the keys (rows map to keys by row_of).
+
+    float32 goes through the mask's bits (one AND); other dtypes multiply.
+    """
+    bits = rng.bernoulli_bits(keys, h.shape[-1], keep)
+    if row_of is not None:
+        bits = bits[:, row_of]
+    if h.dtype != torch.float32:
+        return h * (bits != 0)
+    return bits.bitwise_and_(h.view(torch.int32)).view(torch.float32)
 
 
 MODEL_TYPES: dict[str, type[PosteriorModel]] = {MCDropoutMLP.method: MCDropoutMLP}

@@ -3,8 +3,12 @@
 Every posterior draw of a request depends only on the request's seed, never on what it was
 batched with, on the device, or on the order of calls. That is what lets the server batch
 requests that carry different seeds into one vectorized pass and still return, for a seeded
-request, exactly the numbers it would get alone. The hash is a 32-bit integer mixer evaluated
-in int64 arithmetic; its multipliers are below 2**31 so no product overflows.
+request, exactly the numbers it would get alone.
+
+The hash is a 32-bit integer mixer. Keys (small tensors) are held in int64 in [0, 2**32);
+the large per-element tensors are computed in int32 with wrapping multiplication and masked
+(logical) shifts, in place: int32 vectorizes where int64 multiplication does not, and this
+is the serving hot path (dropout masks for every draw of every request).
 """
 
 from __future__ import annotations
@@ -12,16 +16,36 @@ from __future__ import annotations
 import torch
 
 _MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x61C88647  # 2**32 / phi, below 2**31
+_GOLDEN = 0x61C88647  # 2**32 / phi
+_M1, _M2 = 0x21F0AAAD, 0x735A2D97  # both below 2**31: exact in int64, valid int32 literals
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """Bijective avalanche mixer on values in [0, 2**32) held in int64."""
     x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _MASK32
+    x = (x * _M1) & _MASK32
     x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _MASK32
+    x = (x * _M2) & _MASK32
     return x ^ (x >> 15)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`mix32` in place on int32 bit patterns (same bits; >> is arithmetic, hence the masks).
+
+    One scratch tensor serves the three shifts: fresh large tensors cost page faults.
+    """
+    shifted = torch.empty_like(x)
+    for shift, multiplier in ((16, _M1), (15, _M2), (15, None)):
+        torch.bitwise_right_shift(x, shift, out=shifted)
+        x.bitwise_xor_(shifted.bitwise_and_((1 << (32 - shift)) - 1))
+        if multiplier is not None:
+            x.mul_(multiplier)
+    return x
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 2**32) (int64) -> the same 32 bits as int32."""
+    return (x - ((x >> 31) << 32)).to(torch.int32)
 
 
 def combine(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
@@ -34,14 +58,39 @@ def combine(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
     return mix32(key ^ mix32((value + _GOLDEN) & _MASK32))
 
 
+def _bits32(keys: torch.Tensor, size: int) -> torch.Tensor:
+    """`bits` as int32 bit patterns, without the int64 round trip."""
+    counters = torch.arange(size, dtype=torch.int64, device=keys.device)
+    salt = _as_int32(mix32((counters + _GOLDEN) & _MASK32))
+    return _mix32_(_as_int32(keys).unsqueeze(-1) ^ salt)
+
+
 def bits(keys: torch.Tensor, size: int) -> torch.Tensor:
     """Uniform 32-bit integers, shape [*keys.shape, size]: element i of key k is hash(k, i)."""
-    return combine(keys.unsqueeze(-1), torch.arange(size, dtype=torch.int64, device=keys.device))
+    return _bits32(keys, size).to(torch.int64) & _MASK32
 
 
 def bernoulli(keys: torch.Tensor, size: int, p: float) -> torch.Tensor:
-    """Booleans that are True with probability `p` (to within 2**-32), without floats."""
-    return bits(keys, size) < round(p * 2**32)
+    """Booleans that are True with probability `p` (to within 2**-17), two per hash.
+
+    Element 2j compares the low 16 bits of hash(k, j) with round(p * 2**16), element 2j + 1
+    the high 16 bits: the halves of a strong 32-bit hash are independent, and hashing is
+    most of the cost of a dropout mask. (The int16 view relies on a little-endian device.)
+    """
+    return bernoulli_bits(keys, size, p) != 0
+
+
+def bernoulli_bits(keys: torch.Tensor, size: int, p: float) -> torch.Tensor:
+    """`bernoulli` as int32 words of all ones (True) or zeros (False).
+
+    ANDed with the bits of float32 activations this applies a dropout mask in place, with
+    no bool-to-float conversion or multiply: the serving hot path of MC dropout.
+    """
+    threshold = round(p * (1 << 16))
+    halves = _bits32(keys, (size + 1) // 2).view(torch.int16)[..., :size]
+    # The unsigned half u is u - 2**16 * (sign bit) as int16; u < t iff u - t < 0.
+    words = halves.to(torch.int32).bitwise_and_(0xFFFF).sub_(threshold)
+    return words.bitwise_right_shift_(31)
 
 
 def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
@@ -60,7 +109,7 @@ def draw_keys(seeds: torch.Tensor, n: int, stream: int) -> torch.Tensor:
 
 def uniform(keys: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Uniforms in (0, 1), shape [*keys.shape, size]: element i of key k is hash(k, i)."""
-    top = bits(keys, size) >> 8  # 24 bits: exact in float32
+    top = (_bits32(keys, size) >> 8).bitwise_and_(0xFFFFFF)  # 24 bits: exact in float32
     return (top.to(dtype) + 0.5) * (1.0 / (1 << 24))
 
 
