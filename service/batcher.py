@@ -1,12 +1,14 @@
 """Dynamic batching: one bounded queue and one worker per loaded model version.
 
 The worker takes what is queued, up to `max_batch_rows` rows or until `max_batch_delay_ms`
-has passed since the first request, and makes ONE `model.sample` call for the batch on a
-thread of its own (off the event loop). Every row carries its request's seed, and draws
-depend only on the seed, so a seeded request gets the numbers it gets alone whatever it is
-batched with. Summaries are computed once per group of requests that share (num_samples,
-credible_levels); a request that asked for fewer samples than the batch's largest takes
-the first draws, which are the draws it would get alone.
+has passed since the first request (by default no wait: it takes what queued while the
+previous batch ran, so a lone request is not held back and a busy server still fills its
+batches), and makes ONE `model.sample` call for the batch on a thread of its own (off the
+event loop). Every row carries its request's seed, and draws depend only on the seed, so a
+seeded request gets the numbers it gets alone whatever it is batched with. Summaries are
+computed once per group of requests that share (num_samples, credible_levels); a request
+that asked for fewer samples than the batch's largest takes the first draws, which are the
+draws it would get alone.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service import protocol
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
-from training.summaries import Summary, summarize
+from training.calibration import summarize
+from training.summaries import Summary
 
 log = logging.getLogger("credence.batcher")
 
 RETRY_AFTER_S = 1
-Render = Callable[[Summary], bytes]
-PER_LEVEL = ("lower", "upper")  # summary entries shaped [L, B, ...]; the rest are [B, ...]
+Render = Callable[[list[dict]], bytes]  # the request's rows of `protocol.predictions`
 
 
 @dataclass(eq=False)
@@ -112,7 +115,8 @@ class Batcher:
         self.metrics.queue_depth.labels(*self.labels).set(self.depth)
         try:
             # on timeout (or client disconnect) the future is cancelled; the worker skips it
-            return await asyncio.wait_for(job.future, max(deadline - loop.time(), 0))
+            async with asyncio.timeout_at(deadline):  # no helper task, unlike wait_for
+                return await job.future
         except TimeoutError:
             raise ApiError.single(
                 504,
@@ -184,16 +188,17 @@ class Batcher:
         outcomes: list[bytes | BaseException] = [None] * len(batch)  # type: ignore[list-item]
         for (n, levels), members in groups.items():
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
-            summary = summarize(self.loaded.spec.task, draws[:n, rows.to(device)], levels)
+            spec = self.loaded.spec  # its calibration (if any) is applied here
+            summary = summarize(spec.task, draws[:n, rows.to(device)], levels, spec.calibration)
             summary = {key: value.cpu() for key, value in summary.items()}
             self._observe_uncertainty(summary)
+            rendered = protocol.predictions(spec, summary, levels)
             start_row = 0
             for i in members:
                 part = slice(start_row, start_row + batch[i].rows)
                 start_row = part.stop
-                mine = {k: v[:, part] if k in PER_LEVEL else v[part] for k, v in summary.items()}
                 try:
-                    outcomes[i] = batch[i].render(mine)
+                    outcomes[i] = batch[i].render(rendered[part])
                 except Exception as exc:  # one response that cannot be rendered fails alone
                     log.exception("rendering a response failed")
                     outcomes[i] = ApiError.single(

@@ -23,13 +23,14 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
     "port": (int, "port to bind"),
     "device": (str, "auto (CUDA when present, else CPU), cpu, cuda or cuda:<i>"),
     "max_batch_rows": (int, "rows per model call"),
-    "max_batch_delay_ms": (float, "how long a batch waits for more requests"),
+    "max_batch_delay_ms": (float, "extra wait for more rows; 0 takes what is queued"),
     "default_num_samples": (int, "posterior samples when neither request nor manifest says"),
     "max_num_samples": (int, "hard cap on posterior samples per request"),
     "max_instances": (int, "rows per request"),
     "max_queue": (int, "queued requests per model version before 503"),
     "request_timeout_s": (float, "deadline per request before 504"),
-    "torch_threads": (int, "torch intra-op threads (0: torch's default)"),
+    "torch_threads": (int, "intra-op threads (0: 1 if every model is small)"),
+    "backend": (str, "torch, or onnx (each checkpoint's model.onnx, from credence-export)"),
     "log_level": (str, "critical, error, warning, info or debug"),
 }
 

@@ -13,13 +13,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from service.errors import ApiError
+from service.onnx_backend import load_onnx
 from service.settings import Settings
+from training.calibration import Calibration, CalibrationError, parse_calibration
 from training.checkpoint import NAME_PATTERN, CheckpointError, list_versions, read_checkpoint
-from training.model import PosteriorModel
 
 log = logging.getLogger("credence.registry")
 
@@ -42,6 +44,7 @@ class ModelSpec:
     default_num_samples: int
     max_num_samples: int
     manifest: dict
+    calibration: Calibration | None = None  # applied to every prediction (regression)
 
     @property
     def num_outputs(self) -> int:
@@ -82,6 +85,10 @@ def parse_spec(manifest: dict, settings: Settings) -> ModelSpec:
     for key, value in (("default", default), ("max", cap)):
         if value is not None and not _positive_int(value):
             raise bad(f"num_samples.{key} must be a positive integer, got {value!r}")
+    try:
+        calibration = parse_calibration(manifest.get("calibration"), task, len(names))
+    except CalibrationError as exc:
+        raise bad(str(exc)) from None
     cap = min(cap or math.inf, settings.max_num_samples)
     default = min(default or settings.default_num_samples, cap)
     return ModelSpec(
@@ -96,10 +103,20 @@ def parse_spec(manifest: dict, settings: Settings) -> ModelSpec:
         default_num_samples=int(default),
         max_num_samples=int(cap),
         manifest=manifest,
+        calibration=calibration,
     )
 
 
-def check_model(model: PosteriorModel, spec: ModelSpec, device: torch.device) -> None:
+class Sampler(Protocol):
+    """What serving needs of a model: a PosteriorModel, or a backend's stand-in for one."""
+
+    @property
+    def task(self) -> str: ...
+
+    def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_model(model: Sampler, spec: ModelSpec, device: torch.device) -> None:
     """One tiny forward pass: a model that disagrees with its manifest fails here, at load,
     never on a client's request."""
     if model.task != spec.task:
@@ -118,7 +135,7 @@ def check_model(model: PosteriorModel, spec: ModelSpec, device: torch.device) ->
 @dataclass(frozen=True)
 class LoadedModel:
     spec: ModelSpec
-    model: PosteriorModel
+    model: Sampler  # a PosteriorModel (torch backend) or an OnnxSampler (onnx backend)
     device: torch.device
     path: Path
 
@@ -159,10 +176,12 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
             f"but the checkpoint sits in {path.parent.name}/{path.name}"
         )
     spec = parse_spec(manifest, settings)
-    model = checkpoint.build(device)
+    if settings.backend == "onnx":  # onnxruntime's CPU provider, whatever the device
+        device = torch.device("cpu")
+        model: Sampler = load_onnx(checkpoint, settings.torch_threads)
+    else:
+        model = checkpoint.build(device)
     check_model(model, spec, device)
-    if manifest.get("calibration") is not None:
-        log.warning("%s v%d: manifest calibration is not applied yet", spec.name, spec.version)
     return LoadedModel(spec, model, device, path)
 
 

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+Backend = Literal["torch", "onnx"]
 
 
 class Settings(BaseSettings):
@@ -34,13 +35,18 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_batch_rows: int = Field(256, ge=1, description="rows per model call")
-    max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000, description="wait for more rows")
+    max_batch_delay_ms: float = Field(
+        0.0, ge=0, le=10_000, description="extra wait for more rows; 0 takes what is queued"
+    )
     default_num_samples: int = Field(100, ge=1, description="when the manifest gives none")
     max_num_samples: int = Field(1000, ge=1, description="hard cap over every model")
     max_instances: int = Field(1024, ge=1, description="rows in one request")
     max_queue: int = Field(256, ge=1, description="requests waiting per model version")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline; past it, 504")
-    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's choice")
+    torch_threads: int = Field(
+        0, ge=0, description="intra-op threads; 0: 1 if every model is small, else one per core"
+    )
+    backend: Backend = Field("torch", description="torch, or onnx: each checkpoint's model.onnx")
     log_level: LogLevel = "info"
 
     @field_validator("device")
@@ -51,10 +57,19 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {value!r}")
         return value
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "backend", mode="before")
     @classmethod
-    def _lower_log_level(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _onnx_on_cpu(self) -> Settings:
+        if self.backend == "onnx" and self.device.startswith("cuda"):
+            raise ValueError(
+                f"backend onnx runs on onnxruntime's CPU provider; device {self.device!r} "
+                "needs backend torch (or use device auto or cpu)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> Settings:

@@ -11,10 +11,10 @@ import torch
 from conftest import make_settings, serve
 
 from training import cli, evaluate
+from training.calibration import summarize
 from training.checkpoint import latest_checkpoint
 from training.data import load_data
 from training.metrics import sample_draws
-from training.summaries import summarize
 
 SEED = 3
 
@@ -41,7 +41,10 @@ def test_reproduces_the_test_metrics_recorded_at_training(model_dir, tmp_path, c
 def test_served_mean_and_intervals_equal_the_evaluated_ones(model_dir):
     x = load_data("toy:sine-gap").test.x[:16]
     checkpoint = evaluate.load_model_path(model_dir / "toy" / "1")
-    expected = summarize("regression", sample_draws(checkpoint.build(), x, 80, SEED), [0.9])
+    draws = sample_draws(checkpoint.build(), x, 80, SEED)
+    calibration = checkpoint.manifest["calibration"]
+    assert calibration["method"] == "conformal"  # what the server applies, as credence-eval does
+    expected = summarize("regression", draws, [0.9], calibration)
     body = {"instances": x.tolist(), "parameters": {"num_samples": 80, "seed": SEED}}
     body["parameters"]["credible_levels"] = [0.9]
     with serve(make_settings(model_dir)) as client:

@@ -196,7 +196,7 @@ def test_cli_end_to_end_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert manifest["input"] == {"shape": [1], "dtype": "float32", "feature_names": ["x"]}
     assert manifest["output"] == {"names": ["y"]}
     assert manifest["num_samples"] == {"default": 100, "max": 1000}
-    assert manifest["calibration"] is None
+    assert manifest["calibration"]["method"] == "conformal"  # the default for regression
     assert set(manifest["metrics"]) == {"validation", "test"}
     assert manifest["metrics"]["test"]["rows"] >= 2000
     assert {"p50", "p90", "p99"} <= set(manifest["uncertainty_stats"]["epistemic_std"])

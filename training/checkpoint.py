@@ -9,7 +9,7 @@ Manifest keys the caller of `save_checkpoint` supplies (the rest is filled in he
     input        {"shape": [D, ...], "dtype": "float32", "feature_names": [...] or null}
     output       {"names": [...]}: target names (regression) or class labels (classification)
     num_samples  {"default": int, "max": int}
-    calibration  null or the post-hoc calibration the server applies
+    calibration  null or the post-hoc calibration the server applies (training.calibration)
     metrics, uncertainty_stats, training: free-form JSON about the fit (optional)
 
 The manifest lists the sha256 of every other file; reading refuses any mismatch. Versions
@@ -36,11 +36,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from training.calibration import CalibrationError, parse_calibration
 from training.model import PosteriorModel, build_model
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+ONNX = "model.onnx"
 REQUIRED_KEYS = ("input", "output", "num_samples")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -55,7 +57,7 @@ def _sha256(data: bytes) -> str:
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("credence-serve", "numpy", "safetensors"):
+    for dist in ("credence-serve", "numpy", "safetensors", "onnx", "onnxruntime"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     return versions
@@ -85,6 +87,7 @@ def save_checkpoint(
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise ValueError(f"manifest lacks {missing}")
+    check_calibration(manifest, model.task)  # CalibrationError is a ValueError
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     files = {WEIGHTS: save_safetensors(state), **(extra_files or {})}
     root = Path(model_dir) / name
@@ -113,6 +116,56 @@ def save_checkpoint(
             return root / str(version)
         except OSError:  # another writer took this version number first
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to a hidden temporary file beside `path`, then rename it into place.
+
+    `mode` replaces mkstemp's owner-only 0600, so the file reads like its siblings."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _write_manifest(path: Path, manifest: dict, mode: int) -> None:
+    _replace_file(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode)
+
+
+def add_files(path: str | Path, files: dict[str, bytes], manifest_keys: dict | None = None) -> None:
+    """Add or replace files of an existing version (e.g. model.onnx), with their sha256.
+
+    The checkpoint is verified first. The manifest is the commit point: each file goes in by
+    rename, and a file that is being replaced is unlisted before it changes, so a reader
+    sees a manifest whose listed files match it at every moment. `manifest_keys` are set
+    at the top level of the manifest (never its file list or identity).
+    """
+    path = Path(path)
+    manifest = dict(read_checkpoint(path).manifest)
+    protected = {"files", "name", "version", "format_version", "task", "method", "model"}
+    if set(manifest_keys or {}) & protected:
+        raise ValueError(f"add_files may not change {sorted(set(manifest_keys) & protected)}")
+    for filename in files:
+        if filename in (MANIFEST, WEIGHTS) or Path(filename).name != filename:
+            raise ValueError(f"add_files cannot write {filename!r}")
+    mode = (path / WEIGHTS).stat().st_mode & 0o777  # as save_checkpoint wrote its files
+    listed = dict(manifest["files"])
+    changed = [f for f, d in files.items() if f in listed and listed[f]["sha256"] != _sha256(d)]
+    if changed:
+        unlisted = {k: v for k, v in listed.items() if k not in changed}
+        _write_manifest(path, {**manifest, "files": unlisted}, mode)
+    for filename, data in files.items():
+        _replace_file(path / filename, data, mode)
+    listed.update({f: {"sha256": _sha256(d), "bytes": len(d)} for f, d in files.items()})
+    _write_manifest(path, {**manifest, **(manifest_keys or {}), "files": listed}, mode)
 
 
 @dataclass(frozen=True)
@@ -175,7 +228,18 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 "(the file was changed or corrupted); refusing to load it"
             )
         files[filename] = data
+    try:
+        check_calibration(manifest, manifest.get("task"))
+    except CalibrationError as exc:
+        raise CheckpointError(f"{path}: {MANIFEST}: {exc}") from exc
     return Checkpoint(path, manifest, files)
+
+
+def check_calibration(manifest: dict, task: str | None) -> None:
+    """Refuse a calibration field that the server could not apply (CalibrationError)."""
+    names = (manifest.get("output") or {}).get("names")
+    targets = len(names) if isinstance(names, list) else None
+    parse_calibration(manifest.get("calibration"), task, targets)
 
 
 def latest_checkpoint(model_dir: str | Path, name: str) -> Checkpoint:

@@ -5,7 +5,8 @@
 
 It scores the data's test rows when the data has them (a UCI split, a toy), else every row,
 with the same draws and summaries the server uses, so a served prediction under the same
-seed has the same mean and intervals.
+seed has the same mean and intervals. A calibrated checkpoint is scored both raw and with
+its stored calibration applied, as the server applies it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from training.calibration import CalibrationError, method_name, parse_calibration
 from training.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, read_checkpoint
 from training.data import DataError, Dataset, load_data
 from training.metrics import evaluate
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="credence-eval",
         description="Uncertainty metrics of a checkpoint on a data set: RMSE, log-likelihood, "
-        "95%% interval coverage and width (regression); accuracy, NLL, ECE (classification).",
+        "95%% interval coverage and width, raw and calibrated (regression); accuracy, NLL, ECE "
+        "(classification).",
     )
     parser.add_argument("--model", required=True, help="MODEL_DIR/NAME or MODEL_DIR/NAME/VERSION")
     parser.add_argument("--data", required=True, help="a CSV file, a UCI folder or toy:NAME")
@@ -73,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = loaded.test if loaded.test is not None else loaded.train
         check_compatible(checkpoint, data)
         model = checkpoint.build()
-    except (CheckpointError, DataError, OSError) as exc:
+        calibration = parse_calibration(
+            checkpoint.manifest.get("calibration"), data.task, data.num_outputs
+        )
+    except (CheckpointError, CalibrationError, DataError, OSError) as exc:
         parser.error(str(exc))
     limits = checkpoint.manifest["num_samples"]
     num_samples = args.num_samples or limits["default"]
@@ -86,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": {"spec": args.data, **loaded.spec},
         "rows": "test" if loaded.test is not None else "all",
         "seed": args.seed,
-        "metrics": evaluate(model, data, num_samples, args.seed),
+        "calibration": method_name(calibration),
+        "metrics": evaluate(model, data, num_samples, args.seed, calibration),
     }
     text = json.dumps(report, indent=2)
     print(text)

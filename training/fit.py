@@ -118,12 +118,15 @@ class FitResult:
 SMALL_MODEL_PARAMETERS = 250_000
 
 
+def is_small(model: torch.nn.Module) -> bool:
+    """Small models' matmuls are too small to split: on a few cores extra threads cost more
+    in synchronization than they save (measured: 4x slower steps with 2 threads than with 1
+    for a 50-unit MLP on a 2-core machine)."""
+    return sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
+
+
 def auto_threads(model: PosteriorModel) -> int:
-    """One thread for small models: their matmuls are too small to split, and on a few
-    cores extra threads cost more in synchronization than they save (measured: 4x slower
-    steps with 2 threads than with 1 for a 50-unit MLP on a 2-core machine)."""
-    size = sum(p.numel() for p in model.parameters())
-    return 1 if size < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
+    return 1 if is_small(model) else torch.get_num_threads()
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 Regression: RMSE of the predictive mean, the test log-likelihood of the Monte-Carlo mixture
 (log 1/n sum_s N(y | mu_s, sigma2_s), averaged over points: the number the MC-dropout papers
-report), and the coverage (PICP) and mean width of the central predictive intervals.
+report), and the coverage (PICP) and mean width of the central predictive intervals, raw and,
+for a calibrated model, calibrated (`training.calibration`).
 Classification: accuracy, NLL of the averaged probabilities, expected calibration error.
 The predictive summaries themselves come from `training.summaries.summarize`, the code the
 server uses, so what is measured here is what is served.
@@ -16,6 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from training.calibration import (
+    Calibration,
+    calibrated_summary,
+    method_name,
+    variance_scaled_draws,
+)
 from training.data import Dataset
 from training.model import PosteriorModel
 from training.summaries import summarize
@@ -64,15 +71,24 @@ def pointwise_log_likelihood(task: str, draws: torch.Tensor, y: torch.Tensor) ->
 
 
 def regression_metrics(
-    draws: torch.Tensor, y: torch.Tensor, level: float = INTERVAL_LEVEL
+    draws: torch.Tensor,
+    y: torch.Tensor,
+    level: float = INTERVAL_LEVEL,
+    calibration: Calibration | dict | None = None,
 ) -> dict[str, float]:
-    """RMSE, mixture log-likelihood and interval coverage / width (averaged over targets)."""
+    """RMSE, mixture log-likelihood and interval coverage / width (averaged over targets).
+
+    `coverage_95` and `interval_width_95` are the raw model's; with a `calibration` the
+    served (calibrated) ones are added as `calibrated_coverage_95` and
+    `calibrated_interval_width_95`, and for variance scaling, which changes the predictive
+    density, `calibrated_log_likelihood`.
+    """
     y = as_tensor(y, torch.float64)
     y = y.reshape(len(y), -1)
     summary = summarize("regression", draws, [level])
     lower, upper = summary["lower"][0], summary["upper"][0]
     tag = f"{round(100 * level)}"
-    return {
+    metrics: dict = {
         "rmse": float((summary["mean"] - y).pow(2).mean().sqrt()),
         "log_likelihood": float(pointwise_log_likelihood("regression", draws, y).mean()),
         f"coverage_{tag}": float(((y >= lower) & (y <= upper)).double().mean()),
@@ -80,6 +96,16 @@ def regression_metrics(
         "rows": len(y),
         "num_samples": draws.shape[0],
     }
+    if calibration is not None:
+        calibrated = calibrated_summary(draws, [level], calibration)
+        lower, upper = calibrated["lower"][0], calibrated["upper"][0]
+        metrics[f"calibrated_coverage_{tag}"] = float(((y >= lower) & (y <= upper)).double().mean())
+        metrics[f"calibrated_interval_width_{tag}"] = float((upper - lower).mean())
+        if method_name(calibration) == "variance":
+            scaled = variance_scaled_draws(draws, calibration)
+            ll = pointwise_log_likelihood("regression", scaled, y).mean()
+            metrics["calibrated_log_likelihood"] = float(ll)
+    return metrics
 
 
 def expected_calibration_error(
@@ -110,15 +136,28 @@ def classification_metrics(
     }
 
 
-def metrics_from_draws(task: str, draws: torch.Tensor, y: np.ndarray | torch.Tensor) -> dict:
+def metrics_from_draws(
+    task: str,
+    draws: torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    calibration: Calibration | dict | None = None,
+) -> dict:
     if task == "regression":
-        return regression_metrics(draws, as_tensor(y, torch.float64))
+        return regression_metrics(draws, as_tensor(y, torch.float64), calibration=calibration)
     return classification_metrics(draws, as_tensor(y, torch.int64))
 
 
-def evaluate(model: PosteriorModel, data: Dataset, num_samples: int = 100, seed: int = 0) -> dict:
-    """Metrics of `model` on `data`, from `num_samples` posterior draws under `seed`."""
-    return metrics_from_draws(data.task, sample_draws(model, data.x, num_samples, seed), data.y)
+def evaluate(
+    model: PosteriorModel,
+    data: Dataset,
+    num_samples: int = 100,
+    seed: int = 0,
+    calibration: Calibration | dict | None = None,
+) -> dict:
+    """Metrics of `model` on `data`, from `num_samples` posterior draws under `seed`, raw and
+    (regression with a `calibration`) calibrated."""
+    draws = sample_draws(model, data.x, num_samples, seed)
+    return metrics_from_draws(data.task, draws, data.y, calibration)
 
 
 def _quantiles(values: torch.Tensor, probs: Sequence[float]) -> dict[str, list[float] | float]:

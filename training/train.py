@@ -2,8 +2,9 @@
 
 `train_model` is what `credence-train` runs, and what tests and benchmarks call directly
 (no subprocess): hold out a seeded validation split, standardize with the statistics of the
-rows the model is fit on, build the method's model, fit with early stopping, then evaluate
-on the validation rows (and on the test rows when the data has them) from posterior draws.
+rows the model is fit on, build the method's model, fit with early stopping, refit the noise
+and fit the post-hoc calibration on the validation rows, then evaluate on the validation rows
+(and on the test rows when the data has them) from posterior draws.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 
+from training.calibration import METHODS as CALIBRATION_METHODS
+from training.calibration import fit_calibration
 from training.checkpoint import save_checkpoint
 from training.data import Dataset
 from training.fit import (
@@ -52,6 +55,7 @@ class TrainResult:
     uncertainty_stats: dict
     fit: FitResult
     config: dict[str, Any] = field(default_factory=dict)
+    calibration: dict | None = None  # manifest["calibration"]: see training.calibration
 
 
 def likelihood_config(
@@ -95,9 +99,25 @@ def train_model(
     options: FitOptions | None = None,
     eval_samples: int = EVAL_SAMPLES,
     noise_refit: bool = True,
+    calibration: str | None = None,
 ) -> TrainResult:
-    """Fit `method` on `train` and evaluate; `options.seed` fixes split, init and dropout."""
+    """Fit `method` on `train` and evaluate; `options.seed` fixes split, init and dropout.
+
+    `calibration` (regression only: "variance", "isotonic", "conformal" or None) is fitted on
+    the validation rows' draws after the noise refit. Those rows also chose the best epoch and
+    the noise, so the calibration is slightly optimistic about them, and the calibrated
+    validation metrics are in-sample; the test metrics are the honest ones.
+    """
     options = options or FitOptions()
+    if calibration == "none":
+        calibration = None
+    if calibration is not None:
+        if calibration not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration must be one of {CALIBRATION_METHODS} or None")
+        if train.task != "regression":
+            raise ValueError("post-hoc calibration applies to regression models only")
+        if val_fraction <= 0:
+            raise ValueError("calibration is fitted on validation rows: needs val_fraction > 0")
     if len(train) < MIN_ROWS:
         raise ValueError(f"need at least {MIN_ROWS} training rows, got {len(train)}")
     if train.task == "classification" and train.num_outputs < 2:
@@ -120,12 +140,15 @@ def train_model(
             refit = refit_noise(model, val_set, eval_samples, options.seed)
         reference = val_set if val_set is not None else fit_set
         draws = sample_draws(model, reference.x, eval_samples, options.seed)
+        fitted = None
+        if calibration is not None and val_set is not None:
+            fitted = fit_calibration(calibration, draws, val_set.y)
         split = "validation" if val_set is not None else "train"
-        metrics[split] = metrics_from_draws(train.task, draws, reference.y)
+        metrics[split] = metrics_from_draws(train.task, draws, reference.y, fitted)
         stats_out = uncertainty_stats(train.task, draws, split=split)
         if test is not None and len(test):
             test_draws = sample_draws(model, test.x, eval_samples, options.seed)
-            metrics["test"] = metrics_from_draws(train.task, test_draws, test.y)
+            metrics["test"] = metrics_from_draws(train.task, test_draws, test.y, fitted)
     config = {
         "method": method,
         "method_options": approximation.options,
@@ -138,9 +161,10 @@ def train_model(
         "validation_rows": len(val_rows),
         "eval_samples": eval_samples,
         "noise_refit": refit,
+        "calibration": calibration,
         "options": dataclasses.asdict(options),
     }
-    return TrainResult(model, metrics, stats_out, result, config)
+    return TrainResult(model, metrics, stats_out, result, config, fitted)
 
 
 def sample_limits(model: PosteriorModel, requested: dict[str, int] | None = None) -> dict:
@@ -168,7 +192,7 @@ def build_manifest(
         },
         "output": {"names": list(data.output_names)},
         "num_samples": sample_limits(result.model, num_samples),
-        "calibration": None,
+        "calibration": result.calibration,
         "metrics": result.metrics,
         "uncertainty_stats": result.uncertainty_stats,
         "training": {

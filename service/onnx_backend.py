@@ -1,0 +1,56 @@
+"""The ONNX Runtime backend (CREDENCE_BACKEND=onnx): a checkpoint's model.onnx as the sampler.
+
+The exported graph (training.onnx_export) is the whole `sample(x, n, seeds)` with the sample
+axis inside, so this backend only swaps what produces the draws tensor: the batcher, the
+predictive summaries and the responses are the ones the torch backend uses. It runs on
+onnxruntime's CPU provider, whatever CREDENCE_DEVICE says.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.checkpoint import ONNX, Checkpoint, CheckpointError
+from training.fit import is_small
+from training.onnx_export import EXPORTABLE_METHODS, run_draws, session
+
+
+class OnnxSampler:
+    """`PosteriorModel.sample` from an ONNX Runtime session: numpy in, a CPU tensor out."""
+
+    def __init__(self, data: bytes, task: str, threads: int = 0):
+        self.task = task
+        self.session = session(data, threads=threads)
+
+    def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        x_np = x.detach().to("cpu", torch.float32).numpy()
+        seeds_np = seeds.detach().to("cpu", torch.int64).numpy()
+        return torch.from_numpy(np.asarray(run_draws(self.session, x_np, n, seeds_np)))
+
+
+def load_onnx(checkpoint: Checkpoint, threads: int = 0) -> OnnxSampler:
+    """The sampler of a verified checkpoint's model.onnx; CheckpointError says how to export.
+
+    `threads` 0 means one intra-op thread for a small model (training.fit.is_small), else
+    onnxruntime's default of one per core, as the torch backend chooses."""
+    if ONNX not in checkpoint.files:
+        name, version = checkpoint.manifest.get("name"), checkpoint.manifest.get("version")
+        method = checkpoint.manifest.get("method")
+        how = (
+            f"export it with `credence-export --model {checkpoint.path}` (or train with "
+            "`credence-train ... --export-onnx`)"
+            if method in EXPORTABLE_METHODS
+            else f"its method {method!r} does not export to ONNX (exportable: "
+            f"{', '.join(EXPORTABLE_METHODS)}); serve it with CREDENCE_BACKEND=torch"
+        )
+        raise CheckpointError(
+            f"model {name!r} version {version} has no {ONNX} in its manifest, and "
+            f"CREDENCE_BACKEND=onnx needs one: {how}"
+        )
+    if threads == 0:  # the torch backend's rule: one thread for a small model, else a core each
+        threads = 1 if is_small(checkpoint.build("cpu")) else 0
+    try:
+        return OnnxSampler(checkpoint.files[ONNX], checkpoint.manifest["task"], threads)
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+        raise CheckpointError(f"{checkpoint.path}: {ONNX} does not load: {exc}") from exc
