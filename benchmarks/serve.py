@@ -1,29 +1,42 @@
 """Serving throughput and latency: Credence against a no-model ceiling and a naive server.
 
-Builds the "small" MC-dropout regression checkpoint (13 -> 50 -> 1, untrained: timing does
-not depend on the weights) in a temporary model dir, then, one server at a time on
-127.0.0.1, starts in its own subprocess:
+Two workloads, each an untrained MC-dropout checkpoint (timing does not depend on the
+weights) in a temporary model dir of its own, one instance per request:
+
+    small  regression 13 -> 50 -> 1, num_samples 100 (request overhead dominates)
+    large  classifier 784 -> 1024 -> 1024 -> 10, num_samples 64 (compute dominates)
+
+For each workload, one server at a time on 127.0.0.1, each in its own subprocess:
 
     credence  .venv/bin/credence-serve --model-dir DIR --port P --log-level warning
     ceiling   bare FastAPI + uvicorn (uvloop, httptools, no access log), same route, parses
               the JSON body and returns a precomputed body captured from Credence (no model)
-    naive     FastAPI, the checkpoint loaded with read_checkpoint(...).build(), per request
-              a Python loop of N single-draw `model.sample(x, 1, seed)` calls, mean/std in
+    naive     FastAPI, the checkpoint loaded with latest_checkpoint(...).build(), per request
+              a Python loop of N single-draw `model.sample(x, 1, seed)` calls, summaries in
               torch, pydantic request model and a sync route (threadpool), no batching
 
 and drives each with the same closed-loop load generator (raw asyncio streams, HTTP/1.1
 keep-alive, one connection per in-flight request) in a process of its own: C requests in
-flight for a fixed window after a warm-up, one instance and num_samples=100 per request.
+flight for a fixed window after a warm-up. Then Credence gets an open-loop run: Poisson
+arrivals at 70% of its best closed-loop rate, latency from each scheduled arrival.
 
-    .venv/bin/python benchmarks/serve.py [--quick]
+Before any server starts, the benchmark's own process times torch's fp32 matmul of the
+large model's big layer ([2048, 1024] x [1024, 1024]) to report the large workload's model
+FLOP rate as a fraction of what this machine's matmul reaches.
 
-Prints a markdown table and writes docs/results/serving.md and docs/results/serving.json.
-The same file is also the ceiling/naive server (`--serve ceiling|naive --port P --model-dir
-DIR`) and the load generator (`--loadgen --port P --concurrency C ...`).
+    .venv/bin/python benchmarks/serve.py [--quick] [--workload small|large|both]
+
+Prints markdown tables and writes docs/results/serving.md and docs/results/serving.json.
+The same file is also the ceiling/naive server (`--serve ceiling|naive --workload W --port P
+--model-dir DIR`) and the load generator (`--loadgen --workload W --port P --concurrency C
+...`, or `--rate R` for the open loop).
 """
 
+# No `from __future__ import annotations`: FastAPI reads the route signatures of the apps
+# built inside functions below at runtime, and cannot resolve their local names as strings.
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -36,61 +49,177 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from machine import cpu_model
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
-MODEL = "small"
-ROUTE = f"/v1/models/{MODEL}:predict"
-NUM_SAMPLES = 100
-IN_FEATURES = 13
 SERVERS = ("credence", "ceiling", "naive")
 START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
+OPEN_LOOP_LOAD = 0.7  # open-loop rate as a fraction of Credence's best closed-loop rate
+OPEN_LOOP_MAX_CONNECTIONS = 512
+MATMUL_SHAPE = (2048, 1024, 1024)  # [M, K] x [K, N]: 32 rows x 64 draws through 1024x1024
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def mc_dropout_flops(widths: list[int], num_samples: int) -> int:
+    """Multiply-add FLOPs of one instance through an MC-dropout MLP without input dropout.
+
+    The first layer sees the same input in every draw, so the model computes it once per
+    instance; every later layer runs once per draw. Biases, activations and masks are left
+    out (they are O(width), not O(width^2)).
+    """
+    first = widths[0] * widths[1]
+    rest = sum(a * b for a, b in itertools.pairwise(widths[1:]))
+    return 2 * (first + num_samples * rest)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model and the requests sent to it: what every part of the benchmark shares."""
+
+    name: str  # also the model's name in its model dir
+    description: str
+    in_features: int
+    hidden: tuple[int, ...]
+    dropout: float
+    likelihood: dict[str, Any]
+    output_names: tuple[str, ...]
+    num_samples: int
+    report_flops: bool  # compute-bound: report the model FLOP rate against the matmul rate
+
+    @property
+    def route(self) -> str:
+        return f"/v1/models/{self.name}:predict"
+
+    @property
+    def classifier(self) -> bool:
+        return self.likelihood["kind"] == "categorical"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        arch = {"in_features": self.in_features, "hidden": list(self.hidden)}
+        arch["dropout"] = self.dropout
+        return {"method": "mc_dropout", "arch": arch, "likelihood": self.likelihood}
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.in_features, *self.hidden, len(self.output_names)]
+
+    @property
+    def flops_per_request(self) -> int:
+        return mc_dropout_flops(self.widths, self.num_samples)
+
+
+WORKLOADS = {
+    "small": Workload(
+        name="small",
+        description="MC-dropout regression MLP 13 -> 50 -> 1 (dropout 0.05)",
+        in_features=13,
+        hidden=(50,),
+        dropout=0.05,
+        likelihood={"kind": "gaussian", "num_targets": 1, "noise": "homoscedastic"},
+        output_names=("y",),
+        num_samples=100,
+        report_flops=False,
+    ),
+    "large": Workload(
+        name="large",
+        description="MC-dropout classifier MLP 784 -> 1024 -> 1024 -> 10 (dropout 0.1)",
+        in_features=784,
+        hidden=(1024, 1024),
+        dropout=0.1,
+        likelihood={"kind": "categorical", "num_classes": 10},
+        output_names=tuple(str(k) for k in range(10)),
+        num_samples=64,
+        report_flops=True,
+    ),
+}
 
 
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def build_small(model_dir: Path) -> Path:
+def build_checkpoint(workload: Workload, model_dir: Path) -> Path:
+    """An untrained checkpoint in Credence's format: the server loads it like a trained one."""
     from training.checkpoint import save_checkpoint
     from training.model import build_model
 
-    config = {
-        "method": "mc_dropout",
-        "arch": {"in_features": IN_FEATURES, "hidden": [50], "dropout": 0.05},
-        "likelihood": {"kind": "gaussian", "num_targets": 1, "noise": "homoscedastic"},
-    }
-    normalization = {
-        "x_mean": [0.0] * IN_FEATURES,
-        "x_std": [1.0] * IN_FEATURES,
-        "y_mean": [0.0],
-        "y_std": [1.0],
-    }
+    d = workload.in_features
+    normalization: dict[str, list[float]] = {"x_mean": [0.0] * d, "x_std": [1.0] * d}
+    if not workload.classifier:
+        k = len(workload.output_names)
+        normalization |= {"y_mean": [0.0] * k, "y_std": [1.0] * k}
     manifest = {
-        "input": {"shape": [IN_FEATURES], "dtype": "float32", "feature_names": None},
-        "output": {"names": ["y"]},
-        "num_samples": {"default": NUM_SAMPLES, "max": 1000},
+        "input": {"shape": [d], "dtype": "float32", "feature_names": None},
+        "output": {"names": list(workload.output_names)},
+        "num_samples": {"default": workload.num_samples, "max": 1000},
         "calibration": None,
     }
-    return save_checkpoint(build_model(config, normalization), model_dir, MODEL, manifest)
+    model = build_model(workload.config, normalization)
+    return save_checkpoint(model, model_dir, workload.name, manifest)
+
+
+# ----------------------------------------------------------------------------- matmul rate
+
+
+def matmul_rate(repeats: int = 20, warmup: int = 5) -> dict[str, Any]:
+    """This machine's fp32 matmul rate in the large model's big-layer shape.
+
+    It is what the large workload's achieved model FLOP rate is measured against: the best
+    of several timed runs after warm-up, at torch's default thread count, taken before any
+    server starts so nothing else of the benchmark competes for the cores.
+    """
+    import torch
+
+    m, k, n = MATMUL_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen)
+    b = torch.randn(k, n, generator=gen)
+    out = torch.empty(m, n)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    flops = 2 * m * k * n
+    return {
+        "shape": f"[{m}, {k}] x [{k}, {n}]",
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "best_ms": min(times) * 1e3,
+        "median_ms": statistics.median(times) * 1e3,
+        "gflops": flops / min(times) / 1e9,
+        "median_gflops": flops / statistics.median(times) / 1e9,
+    }
 
 
 # ----------------------------------------------------------------------------- servers
 
 
-def ceiling_app(model_dir: Path):
+def ceiling_app(model_dir: Path) -> "FastAPI":
     """No model: parse the body, return the precomputed Credence-sized body."""
     import orjson
     from fastapi import FastAPI, Request, Response
 
+    from service.app import NO_OTEL
+
     body = (model_dir / "ceiling_response.json").read_bytes()
-    app = FastAPI()
+    app = FastAPI(**NO_OTEL)  # configured like Credence's app
 
     @app.post("/v1/models/{name}:predict")
     async def predict(request: Request, name: str) -> Response:
@@ -104,7 +233,7 @@ def ceiling_app(model_dir: Path):
     return app
 
 
-def naive_app(model_dir: Path):
+def naive_app(workload: Workload, model_dir: Path) -> "FastAPI":
     """How tutorials serve MC dropout: one forward pass per draw, in a Python loop."""
     import torch
     from fastapi import FastAPI
@@ -112,33 +241,26 @@ def naive_app(model_dir: Path):
 
     from training.checkpoint import latest_checkpoint
 
-    model = latest_checkpoint(model_dir, MODEL).build()
+    model = latest_checkpoint(model_dir, workload.name).build()
+    labels = list(workload.output_names)
     app = FastAPI()
 
     class Parameters(BaseModel):
-        num_samples: int = NUM_SAMPLES
+        num_samples: int = workload.num_samples
 
     class PredictBody(BaseModel):
         instances: list[list[float]]
         parameters: Parameters = Parameters()
 
-    @app.post("/v1/models/{name}:predict")
-    def predict(name: str, body: PredictBody) -> dict:
-        x = torch.tensor(body.instances, dtype=torch.float32)
-        base = random.getrandbits(62)
-        draws = []
-        for i in range(body.parameters.num_samples):
-            seeds = torch.full((x.shape[0],), base + i, dtype=torch.int64)
-            draws.append(model.sample(x, 1, seeds)[0])
-        d = torch.stack(draws)  # [n, B, mean | variance]
-        means, noise = d[..., :1], d[..., 1:]
+    def regression(d: torch.Tensor) -> list[dict]:
+        means, noise = d[..., :1], d[..., 1:]  # [n, B, mean | variance]
         mean = means.mean(0)
         epistemic = means.var(0)
         aleatoric = noise.mean(0)
         variance = epistemic + aleatoric
         std = variance.sqrt()
         predictions = []
-        for b in range(x.shape[0]):
+        for b in range(d.shape[1]):
             m, s = mean[b].tolist(), std[b].tolist()
             predictions.append(
                 {
@@ -156,12 +278,38 @@ def naive_app(model_dir: Path):
                     ],
                 }
             )
+        return predictions
+
+    def classification(d: torch.Tensor) -> list[dict]:
+        probs = d.softmax(-1).mean(0)  # [n, B, logits] -> mean probabilities [B, K]
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        predicted = probs.argmax(-1)
+        return [
+            {
+                "probabilities": probs[b].tolist(),
+                "predicted_class": labels[int(predicted[b])],
+                "confidence": float(probs[b, predicted[b]]),
+                "entropy": float(entropy[b]),
+            }
+            for b in range(d.shape[1])
+        ]
+
+    summarize = classification if workload.classifier else regression
+
+    @app.post("/v1/models/{name}:predict")
+    def predict(name: str, body: PredictBody) -> dict:
+        x = torch.tensor(body.instances, dtype=torch.float32)
+        base = random.getrandbits(62)
+        draws = []
+        for i in range(body.parameters.num_samples):
+            seeds = torch.full((x.shape[0],), base + i, dtype=torch.int64)
+            draws.append(model.sample(x, 1, seeds)[0])
         return {
             "model_name": name,
             "model_version": 1,
             "num_samples": body.parameters.num_samples,
             "seed": base,
-            "predictions": predictions,
+            "predictions": summarize(torch.stack(draws)),
         }
 
     @app.get("/readyz")
@@ -171,10 +319,10 @@ def naive_app(model_dir: Path):
     return app
 
 
-def serve(kind: str, port: int, model_dir: Path) -> None:
+def serve(kind: str, workload: Workload, port: int, model_dir: Path) -> None:
     import uvicorn
 
-    app = ceiling_app(model_dir) if kind == "ceiling" else naive_app(model_dir)
+    app = ceiling_app(model_dir) if kind == "ceiling" else naive_app(workload, model_dir)
     uvicorn.run(
         app,
         host=HOST,
@@ -186,13 +334,13 @@ def serve(kind: str, port: int, model_dir: Path) -> None:
     )
 
 
-def server_command(kind: str, port: int, model_dir: Path) -> list[str]:
+def server_command(kind: str, workload: Workload, port: int, model_dir: Path) -> list[str]:
     if kind == "credence":
         exe = str(Path(sys.executable).with_name("credence-serve"))
         args = ["--model-dir", str(model_dir), "--host", HOST, "--port", str(port)]
         return [exe, *args, "--log-level", "warning"]
-    args = ["--serve", kind, "--port", str(port), "--model-dir", str(model_dir)]
-    return [sys.executable, __file__, *args]
+    args = ["--serve", kind, "--workload", workload.name, "--port", str(port)]
+    return [sys.executable, __file__, *args, "--model-dir", str(model_dir)]
 
 
 def wait_ready(proc: subprocess.Popen, port: int) -> None:
@@ -227,18 +375,27 @@ def free_port() -> int:
 
 # ----------------------------------------------------------------------------- load generator
 
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
-def request_bytes(port: int, body: bytes) -> bytes:
+
+def request_bytes(workload: Workload, port: int, body: bytes) -> bytes:
     head = (
-        f"POST {ROUTE} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        f"POST {workload.route} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
-def make_body(rng: random.Random) -> bytes:
-    x = [round(rng.gauss(0.0, 1.0), 6) for _ in range(IN_FEATURES)]
-    return json.dumps({"instances": [x], "parameters": {"num_samples": NUM_SAMPLES}}).encode()
+def make_body(workload: Workload, rng: random.Random) -> bytes:
+    x = [round(rng.gauss(0.0, 1.0), 6) for _ in range(workload.in_features)]
+    parameters = {"num_samples": workload.num_samples}
+    return json.dumps({"instances": [x], "parameters": parameters}).encode()
+
+
+def make_payloads(workload: Workload, port: int) -> list[bytes]:
+    """256 distinct requests, built before the clock starts so the client stays cheap."""
+    rng = random.Random(0)
+    return [request_bytes(workload, port, make_body(workload, rng)) for _ in range(256)]
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -252,11 +409,29 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
-async def worker(port, bodies, t_warm, t_end, latencies, errors, late, wid):
+def percentile(sorted_s: list[float], q: float) -> float | None:
+    """The q-quantile of sorted seconds, in ms (None for no samples)."""
+    n = len(sorted_s)
+    return sorted_s[min(n - 1, int(q * n))] * 1e3 if n else None
+
+
+NETWORK_ERRORS = (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError)
+
+
+async def worker(
+    port: int,
+    payloads: list[bytes],
+    t_warm: float,
+    t_end: float,
+    latencies: list[float],
+    errors: list[float],
+    late: list[float],
+    wid: int,
+) -> None:
     rng = random.Random(wid)
-    conn = None
+    conn: Connection | None = None
     while time.perf_counter() < t_end:
-        payload = request_bytes(port, bodies[rng.randrange(len(bodies))])
+        payload = payloads[rng.randrange(len(payloads))]
         start = time.perf_counter()
         try:
             if conn is None:
@@ -265,7 +440,7 @@ async def worker(port, bodies, t_warm, t_end, latencies, errors, late, wid):
             writer.write(payload)
             status, _ = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
             ok = status == 200
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+        except NETWORK_ERRORS:
             ok = False
             if conn is not None:
                 conn[1].close()
@@ -285,16 +460,18 @@ async def worker(port, bodies, t_warm, t_end, latencies, errors, late, wid):
         conn[1].close()
 
 
-async def drive(port: int, concurrency: int, warmup_s: float, duration_s: float) -> dict:
-    rng = random.Random(0)
-    bodies = [make_body(rng) for _ in range(256)]
+async def drive(
+    workload: Workload, port: int, concurrency: int, warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    """Closed loop: `concurrency` requests always in flight, each on its own connection."""
+    payloads = make_payloads(workload, port)
     latencies: list[float] = []
     errors: list[float] = []
     late: list[float] = []
     t0 = time.perf_counter()
     t_warm, t_end = t0 + warmup_s, t0 + warmup_s + duration_s
     tasks = [
-        asyncio.create_task(worker(port, bodies, t_warm, t_end, latencies, errors, late, i))
+        asyncio.create_task(worker(port, payloads, t_warm, t_end, latencies, errors, late, i))
         for i in range(concurrency)
     ]
     # Requests still in flight at t_end are not counted; give them a bounded time to finish.
@@ -303,17 +480,13 @@ async def drive(port: int, concurrency: int, warmup_s: float, duration_s: float)
         task.cancel()
     latencies.sort()
     n = len(latencies)
-
-    def pct(q: float) -> float | None:
-        return latencies[min(n - 1, int(q * n))] * 1e3 if n else None
-
     return {
         "concurrency": concurrency,
         "duration_s": duration_s,
         "completed": n,
         "rps": n / duration_s,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
         "mean_ms": statistics.fmean(latencies) * 1e3 if n else None,
         "errors": len(errors),
         "late_completed": len(late),
@@ -321,9 +494,119 @@ async def drive(port: int, concurrency: int, warmup_s: float, duration_s: float)
     }
 
 
-def run_loadgen(port: int, concurrency: int, warmup_s: float, duration_s: float) -> dict:
-    args = ["--port", str(port), "--concurrency", str(concurrency)]
+async def drive_open(
+    workload: Workload, port: int, rate: float, warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    """Open loop: Poisson arrivals at `rate`, whatever the server's pace.
+
+    Each arrival takes an idle keep-alive connection from a pool (a new one when none is
+    idle, up to OPEN_LOOP_MAX_CONNECTIONS, then it waits for one) and its latency runs from
+    its scheduled arrival time, so a slow server or a late client cannot hide queueing
+    (no coordinated omission).
+    """
+    payloads = make_payloads(workload, port)
+    rng = random.Random(1)
+    # LIFO: a returned connection is reused before a free slot (None) opens a new one.
+    pool: asyncio.LifoQueue[Connection | None] = asyncio.LifoQueue()
+    for _ in range(OPEN_LOOP_MAX_CONNECTIONS):
+        pool.put_nowait(None)
+    opened = 0
+    peak_open = 0
+    records: list[tuple[float, float, str, float]] = []  # scheduled, done, outcome, start lag
+
+    async def one(scheduled: float, payload: bytes) -> None:
+        nonlocal opened, peak_open
+        lag = time.perf_counter() - scheduled
+        conn = await pool.get()
+        try:
+            if conn is None:
+                opened += 1
+                peak_open = max(peak_open, opened)
+                conn = await asyncio.open_connection(HOST, port)
+            reader, writer = conn
+            writer.write(payload)
+            status, _ = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
+            outcome = str(status)
+        except NETWORK_ERRORS as exc:
+            outcome = "timeout" if isinstance(exc, TimeoutError) else "connection"
+            if conn is not None:
+                conn[1].close()
+            conn = None
+            opened -= 1
+        pool.put_nowait(conn)
+        records.append((scheduled, time.perf_counter(), outcome, lag))
+
+    t0 = time.perf_counter() + 0.05
+    t_warm, t_end = t0 + warmup_s, t0 + warmup_s + duration_s
+    arrivals = []
+    t = t0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= t_end:
+            break
+        arrivals.append(t)
+    tasks = []
+    for scheduled in arrivals:
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        payload = payloads[rng.randrange(len(payloads))]
+        tasks.append(asyncio.create_task(one(scheduled, payload)))
+    _, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 5) if tasks else ((), ())
+    for task in pending:
+        task.cancel()
+    while not pool.empty():
+        conn = pool.get_nowait()
+        if conn is not None:
+            conn[1].close()
+
+    in_window = [r for r in records if r[0] >= t_warm]
+    scheduled_in_window = sum(1 for a in arrivals if a >= t_warm)
+    latencies = sorted(done - sched for sched, done, out, _ in in_window if out == "200")
+    lags = sorted(lag for *_, lag in in_window)
+    completed_in_window = sum(
+        1 for _, done, out, _ in records if out == "200" and t_warm <= done <= t_end
+    )
+    failures: dict[str, int] = {}
+    for *_, out, _ in in_window:
+        if out != "200":
+            failures[out] = failures.get(out, 0) + 1
+    unfinished = scheduled_in_window - len(in_window)
+    if unfinished:
+        failures["unfinished"] = unfinished
+    p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
+    return {
+        "rate": rate,
+        "duration_s": duration_s,
+        "scheduled": scheduled_in_window,
+        "offered_rps": scheduled_in_window / duration_s,
+        "achieved_rps": completed_in_window / duration_s,
+        "completed": len(latencies),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p99_over_p50": p99 / p50 if p50 and p99 else None,
+        "mean_ms": statistics.fmean(latencies) * 1e3 if latencies else None,
+        "max_ms": latencies[-1] * 1e3 if latencies else None,
+        # failed, plus never finished within REQUEST_TIMEOUT_S + 5 s of the last arrival
+        "errors": scheduled_in_window - len(latencies),
+        "error_kinds": failures,  # HTTP status, timeout, connection, or unfinished
+        "client_start_lag_p99_ms": percentile(lags, 0.99),
+        "peak_connections": peak_open,
+    }
+
+
+def run_loadgen(
+    workload: Workload,
+    port: int,
+    warmup_s: float,
+    duration_s: float,
+    concurrency: int = 1,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    """One load-generator run in a process of its own, so it does not share the GIL."""
+    args = ["--workload", workload.name, "--port", str(port)]
     args += ["--warmup", str(warmup_s), "--duration", str(duration_s)]
+    args += ["--concurrency", str(concurrency)] if rate is None else ["--rate", str(rate)]
     cmd = [sys.executable, __file__, "--loadgen", *args]
     timeout = warmup_s + duration_s + REQUEST_TIMEOUT_S + 30
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
@@ -341,18 +624,36 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}"
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    rows = [
-        "| server | concurrency | req/s | p50 ms | p99 ms | errors | late: n, max ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def add_flop_rates(workload: Workload, results: dict[str, list[dict]], matmul: dict) -> None:
+    """Model FLOP rate = req/s x FLOPs per request, and its share of the matmul rate."""
+    for server in ("credence", "naive"):
+        for r in results.get(server, []):
+            r["model_gflops"] = r["rps"] * workload.flops_per_request / 1e9
+            r["fraction_of_matmul"] = r["model_gflops"] / matmul["gflops"]
+
+
+def table(workload: Workload, results: dict[str, list[dict]]) -> str:
+    flops = workload.report_flops
+    head = "| server | concurrency | req/s | p50 ms | p99 ms | errors | late: n, max ms |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if flops:
+        head += " model GFLOP/s | of matmul rate |"
+        rule += "---:|---:|"
+    rows = [head, rule]
     for server in SERVERS:
         for r in results.get(server, []):
-            rows.append(
+            row = (
                 f"| {server} | {r['concurrency']} | {fmt(r['rps'])} | {fmt(r['p50_ms'], 2)} "
                 f"| {fmt(r['p99_ms'], 2)} | {r['errors']} "
                 f"| {r['late_completed']}, {fmt(r['late_max_ms'], 0)} |"
             )
+            if flops:
+                share = r.get("fraction_of_matmul")
+                row += (
+                    f" {fmt(r.get('model_gflops'), 2)} "
+                    f"| {'-' if share is None else f'{share:.1%}'} |"
+                )
+            rows.append(row)
     rows += [
         "",
         "| concurrency | req/s credence/ceiling | req/s credence/naive "
@@ -369,46 +670,143 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def main_bench(args: argparse.Namespace) -> None:
-    import torch
+def open_loop_line(o: dict[str, Any], best_rps: float) -> str:
+    """The open-loop run as a one-row table and the issue's p99 <= 3 x p50 verdict."""
+    ratio_ = o["p99_over_p50"]
+    verdict = "-" if ratio_ is None else ("met" if ratio_ <= 3 else "missed")
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(o.get("error_kinds", {}).items()))
+    return "\n".join(
+        [
+            f"Open loop, credence, at {OPEN_LOOP_LOAD:.0%} of its best closed-loop "
+            f"{best_rps:.1f} req/s: p99/p50 = **{fmt(ratio_, 2)}** (target <= 3: {verdict}).",
+            "",
+            "| Poisson rate | offered req/s | achieved req/s | p50 ms | p99 ms | p99/p50 "
+            "| max ms | errors | connections | client start lag p99 ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {o['rate']:.1f} | {o['offered_rps']:.1f} | {o['achieved_rps']:.1f} "
+            f"| {fmt(o['p50_ms'], 2)} | {fmt(o['p99_ms'], 2)} | {fmt(ratio_, 2)} "
+            f"| {fmt(o['max_ms'], 1)} | {o['errors']}{f' ({kinds})' if kinds else ''} "
+            f"| {o['peak_connections']} | {fmt(o['client_start_lag_p99_ms'], 2)} |",
+        ]
+    )
 
-    concurrencies = [1, 32] if args.quick else [1, 8, 32, 128]
-    warmup_s, duration_s = (0.5, 2.0) if args.quick else (1.0, 5.0)
+
+def run_workload(
+    workload: Workload, concurrencies: list[int], warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    """Every server on one workload, then Credence's open-loop run."""
     results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="credence-bench-") as tmp:
+    open_loop: dict[str, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix=f"credence-bench-{workload.name}-") as tmp:
         model_dir = Path(tmp)
-        build_small(model_dir)
+        build_checkpoint(workload, model_dir)
         for server in SERVERS:
             port = free_port()
             proc = subprocess.Popen(
-                server_command(server, port, model_dir), stdin=subprocess.DEVNULL
+                server_command(server, workload, port, model_dir), stdin=subprocess.DEVNULL
             )
             try:
                 wait_ready(proc, port)
                 if server == "credence":  # the ceiling returns exactly this body
                     req = urllib.request.Request(
-                        f"http://{HOST}:{port}{ROUTE}",
-                        data=make_body(random.Random(1)),
+                        f"http://{HOST}:{port}{workload.route}",
+                        data=make_body(workload, random.Random(1)),
                         headers={"Content-Type": "application/json"},
                     )
                     with urllib.request.urlopen(req, timeout=10) as r:
                         (model_dir / "ceiling_response.json").write_bytes(r.read())
                 results[server] = []
                 for c in concurrencies:
-                    r = run_loadgen(port, c, warmup_s, duration_s)
+                    r = run_loadgen(workload, port, warmup_s, duration_s, concurrency=c)
                     results[server].append(r)
                     print(
-                        f"{server:9s} c={c:4d} {r['rps']:8.1f} req/s p50 {fmt(r['p50_ms'], 2)} "
-                        f"ms p99 {fmt(r['p99_ms'], 2)} ms errors {r['errors']}",
+                        f"{workload.name:5s} {server:9s} c={c:4d} {r['rps']:8.1f} req/s "
+                        f"p50 {fmt(r['p50_ms'], 2)} ms p99 {fmt(r['p99_ms'], 2)} ms "
+                        f"errors {r['errors']}",
                         flush=True,
                     )
+                if server == "credence":
+                    best = max(r["rps"] for r in results[server])
+                    if best > 0:
+                        rate = OPEN_LOOP_LOAD * best
+                        open_loop = run_loadgen(workload, port, warmup_s, duration_s, rate=rate)
+                        open_loop["best_closed_loop_rps"] = best
+                        print(open_loop_line(open_loop, best), flush=True)
             finally:
                 stop(proc)
+    return {"results": results, "open_loop": open_loop}
 
-    md_table = table(results)
+
+def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | None) -> str:
+    w = workload
+    lines = [
+        f"## {w.name}: {w.description}",
+        "",
+        f"One instance ({w.in_features} floats) per request, num_samples = {w.num_samples}.",
+    ]
+    if w.report_flops and matmul:
+        later = " + ".join(f"{a}x{b}" for a, b in itertools.pairwise(w.widths[1:]))
+        m = matmul
+        lines += [
+            "",
+            f"Model FLOPs per request = 2 x ({w.widths[0]}x{w.widths[1]} + {w.num_samples} x "
+            f"({later})) = {w.flops_per_request / 1e6:.1f} MFLOP.",
+            "The first layer has no input dropout, so the model computes it once per instance;",
+            "every later layer runs once per draw (biases, activations and masks left out).",
+            "The model GFLOP/s column is req/s x that, for the naive server too (which in fact",
+            "recomputes the first layer for every draw: it does more work than it is credited",
+            'with). "of matmul rate" divides it by this machine\'s fp32 matmul rate,',
+            f"{m['gflops']:.1f} GFLOP/s: the best of {m['repeats']} timed {m['shape']} matmuls",
+            f"after warm-up at torch's default {m['threads']} threads, in the benchmark's own",
+            f"process before any server started (median {m['median_gflops']:.1f} GFLOP/s).",
+        ]
+    lines += ["", table(w, data["results"]), ""]
+    o = data["open_loop"]
+    if o:
+        lines.append(open_loop_line(o, o["best_closed_loop_rps"]))
+    else:
+        lines.append("Open loop, credence: not run (no request finished in the closed loop).")
+    return "\n".join(lines)
+
+
+def main_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    names = list(WORKLOADS) if args.workload == "both" else [args.workload]
+    workloads = [WORKLOADS[n] for n in names]
+    concurrencies = [1, 32] if args.quick else [1, 8, 32, 128]
+    warmup_s, duration_s = (0.5, 2.0) if args.quick else (1.0, 5.0)
+    started = time.monotonic()
+    matmul = None
+    if any(w.report_flops for w in workloads):  # before any server: nothing else running
+        matmul = matmul_rate()
+        print(
+            f"matmul {matmul['shape']} fp32, {matmul['threads']} threads: best "
+            f"{matmul['gflops']:.1f} GFLOP/s, median {matmul['median_gflops']:.1f}",
+            flush=True,
+        )
+    sections: dict[str, dict[str, Any]] = {}
+    for w in workloads:
+        data = run_workload(w, concurrencies, warmup_s, duration_s)
+        if w.report_flops and matmul:
+            add_flop_rates(w, data["results"], matmul)
+        data["settings"] = {
+            "model": f"{w.description}, untrained",
+            "config": w.config,
+            "num_samples": w.num_samples,
+            "instances_per_request": 1,
+            "flops_per_request": w.flops_per_request if w.report_flops else None,
+        }
+        sections[w.name] = data
+    elapsed = time.monotonic() - started
+
+    md = "\n\n".join(workload_section(w, sections[w.name], matmul) for w in workloads)
     print()
-    print(md_table)
+    print(md)
+    print(f"\ntotal {elapsed:.0f} s")
     command = ".venv/bin/python benchmarks/serve.py" + (" --quick" if args.quick else "")
+    if args.workload != "both":
+        command += f" --workload {args.workload}"
     machine = {
         "arch": platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -418,45 +816,61 @@ def main_bench(args: argparse.Namespace) -> None:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     settings = {
-        "model": "mc_dropout 13-50-1 regression (untrained)",
-        "num_samples": NUM_SAMPLES,
-        "instances_per_request": 1,
         "warmup_s": warmup_s,
         "duration_s": duration_s,
         "concurrencies": concurrencies,
+        "open_loop_load": OPEN_LOOP_LOAD,
+        "open_loop_max_connections": OPEN_LOOP_MAX_CONNECTIONS,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
+        "wall_s": round(elapsed, 1),
     }
     out = ROOT / "docs" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(
-        json.dumps(
-            {"command": command, "machine": machine, "settings": settings, "results": results},
-            indent=2,
-        )
-        + "\n"
-    )
+    report = {
+        "command": command,
+        "machine": machine,
+        "settings": settings,
+        "matmul": matmul,
+        "workloads": sections,
+    }
+    (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "serving.md").write_text(
         f"""# Serving benchmark
 
 `{command}`
 
 {machine["date"]}; {machine["arch"]}, {machine["cpu_count"]} CPUs ({machine["cpu_model"]}),
-Python {machine["python"]}, torch {machine["torch"]}.
+Python {machine["python"]}, torch {machine["torch"]}; the whole run took {elapsed:.0f} s.
 
-The "small" model: MC-dropout regression MLP 13 -> 50 -> 1 (untrained weights; timing does
-not depend on them). Each request holds one instance and asks for num_samples =
-{NUM_SAMPLES}. A closed-loop load generator (raw asyncio streams, HTTP/1.1 keep-alive, one
-connection per in-flight request) keeps C requests in flight for {duration_s} s after a
-{warmup_s} s warm-up; latency is per request, client-side. Servers run one at a time on
-127.0.0.1, each in its own process:
+Workloads ({", ".join(w.name for w in workloads)}): untrained MC-dropout checkpoints
+(timing does not depend on the weights), one instance per request. **small** is a
+13 -> 50 -> 1 regression at num_samples = 100, where the model is cheap and the per-request
+overhead of HTTP, JSON and Python decides; **large** is a 784 -> 1024 -> 1024 -> 10
+classifier at num_samples = 64, where the matrix products decide.
+
+A closed-loop load generator (raw asyncio streams, HTTP/1.1 keep-alive, one connection per
+in-flight request) keeps C requests in flight for {duration_s:g} s after a {warmup_s:g} s
+warm-up; latency is per request, client-side. Servers run one at a time on 127.0.0.1, each
+in its own process, with a checkpoint dir holding only that workload's model:
 
 - **credence**: `credence-serve --model-dir DIR --port P --log-level warning` (defaults
-  otherwise: dynamic batching, torch's default thread count).
+  otherwise: dynamic batching; one torch thread for the small model, one per core for
+  the large one).
 - **ceiling**: bare FastAPI + uvicorn (uvloop, httptools, access log off) on the same
-  route; parses the JSON body and returns a body captured from Credence. No model: the
-  most any FastAPI server can do on this machine.
+  route; parses the JSON body and returns a body captured from Credence for that workload.
+  No model: the most any FastAPI server can do on this machine.
 - **naive**: FastAPI with a pydantic request model and a sync route; per request a Python
-  loop of {NUM_SAMPLES} single-draw `model.sample(x, 1, seed)` calls, mean/variance in
-  torch, no batching (the way tutorials serve MC dropout).
+  loop of num_samples single-draw `model.sample(x, 1, seed)` calls, then the summaries in
+  torch (mean/variance for small; mean softmax probabilities, predicted class and entropy
+  for large), no batching (the way tutorials serve MC dropout).
+
+After its closed-loop runs, Credence gets an **open-loop** run at {OPEN_LOOP_LOAD:.0%} of
+its own best closed-loop req/s: Poisson arrivals at that rate for {duration_s:g} s (after a
+{warmup_s:g} s warm-up), each sent on an idle keep-alive connection from a pool (a new one
+when none is idle, at most {OPEN_LOOP_MAX_CONNECTIONS}), latency measured from the
+scheduled arrival time, so queueing in the server or the client is never hidden (no
+coordinated omission). "Achieved" counts responses that arrived inside the window; "client
+start lag" is how late the load generator itself started requests (part of the latency).
 
 **The load generator shares the machine's {machine["cpu_count"]} cores with the server**,
 so absolute numbers are lower than on a machine where the client runs elsewhere; the
@@ -466,7 +880,7 @@ closed, finished afterwards (bounded by a {REQUEST_TIMEOUT_S:g} s client timeout
 they count as errors): a server whose requests all outlast the window shows 0 req/s and its
 latency there.
 
-{md_table}
+{md}
 
 Raw numbers: `docs/results/serving.json`.
 """
@@ -476,21 +890,30 @@ Raw numbers: `docs/results/serving.json`.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 32, 2 s each")
+    parser.add_argument("--workload", choices=(*WORKLOADS, "both"), default="both")
     parser.add_argument("--serve", choices=("ceiling", "naive"), help="run a server")
     parser.add_argument("--loadgen", action="store_true", help="run the load generator")
     parser.add_argument("--port", type=int)
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
     args = parser.parse_args()
+    if args.serve or args.loadgen:
+        if args.workload == "both":
+            parser.error("--serve and --loadgen need --workload small|large")
+        workload = WORKLOADS[args.workload]
     if args.serve:
-        serve(args.serve, args.port, args.model_dir)
+        serve(args.serve, workload, args.port, args.model_dir)
     elif args.loadgen:
         import uvloop
 
-        result = uvloop.run(drive(args.port, args.concurrency, args.warmup, args.duration))
-        print(json.dumps(result))
+        if args.rate is not None:
+            job = drive_open(workload, args.port, args.rate, args.warmup, args.duration)
+        else:
+            job = drive(workload, args.port, args.concurrency, args.warmup, args.duration)
+        print(json.dumps(uvloop.run(job)))
     else:
         main_bench(args)
 
