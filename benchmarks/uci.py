@@ -1,11 +1,35 @@
-"""UCI regression benchmark: credence-train's defaults against the published MC-dropout results.
+"""UCI regression benchmark: the published MC-dropout protocol, and every other method.
 
-    .venv/bin/python benchmarks/uci.py bostonHousing concrete yacht --splits 0-4
+    .venv/bin/python benchmarks/uci.py                          # all five, 20 splits, MC dropout
+    .venv/bin/python benchmarks/uci.py --quick yacht concrete   # 3 splits
+    .venv/bin/python benchmarks/uci.py --methods mc_dropout,ensemble --data path/to/folder
 
-Each split trains exactly as `credence-train --data DIR --split K` does (every default,
-seed 0: 20% of the training rows held out for early stopping and the noise), then reports
-test RMSE and test log-likelihood in original units, mean +- standard error over the splits,
-next to the numbers in published.json. Not run by CI: about 5-15 s per split on one core.
+`mc_dropout` is Gal & Ghahramani's 2018 grid-search protocol (see the data's README): per
+split, 20% of the training rows are held out; every dropout rate x noise precision tau of
+the folder's dropout_rates.txt and tau_values.txt is fit on the other 80% (one hidden layer
+of n_hidden.txt ReLU units, dropout on the inputs and the hidden layer, fixed Gaussian noise
+of precision tau, weight decay from the prior length-scale 1e-2, Adam, batches of 128, 10 x
+n_epochs.txt epochs, no early stopping) and scored by validation log-likelihood; the best
+pair is refit on the whole training split for 100 x n_epochs.txt epochs and scored on the
+test rows. The 12 configurations of a split train together as one stacked model, and the
+refits of every split of a data set too (training/grid.py): the per-step cost of this tiny
+network is overhead, which stacking shares.
+
+The other methods (`--methods`, any that `credence-train --method` knows) run with the
+trainer's own defaults on the protocol's network (one hidden layer of n_hidden.txt units):
+20% of the training rows held out for early stopping and the noise refit, learned
+homoscedastic noise, except `ensemble`, which uses the heteroscedastic Gaussian heads of
+Lakshminarayanan et al. `credence_defaults` is `credence-train --data DIR --split K` itself
+(two hidden layers of 100 units).
+
+Calibration (training/calibration.py: variance scaling, isotonic, conformal) is fitted on
+the held-out 20% of the training rows, with draws of the model selected there (for
+mc_dropout, the chosen grid configuration's network), and applied to the test predictions.
+Test metrics, in original units: RMSE of the predictive mean, log-likelihood of the
+Monte-Carlo mixture, coverage and mean width of the central 95% interval, raw and
+calibrated, and the coverage of central intervals at every level (the calibration plot);
+mean and standard error (std / sqrt(splits)) over splits. Writes docs/results/uci.md, .json
+and .png (the plot needs matplotlib: `pip install -e '.[bench]'`). Not run by CI.
 """
 
 from __future__ import annotations
@@ -13,15 +37,81 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
+import shlex
 import statistics
+import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from training.data import load_data
-from training.fit import FitOptions
-from training.train import train_model
+import numpy as np
+import torch
+from machine import cpu_model
 
-UCI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.calibration import (  # noqa: E402
+    METHODS as CALIBRATIONS,
+)
+from training.calibration import (  # noqa: E402
+    conformal_quantile,
+    fit_calibration,
+    isotonic_tails,
+    parse_calibration,
+    variance_scaled_draws,
+)
+from training.data import Dataset, LoadedData, load_data, uci_num_splits  # noqa: E402
+from training.fit import FitOptions, holdout_split, standardization  # noqa: E402
+from training.grid import DropoutGrid, GridConfig, GridMember, fit_grid  # noqa: E402
+from training.methods import METHODS  # noqa: E402
+from training.metrics import (  # noqa: E402
+    pointwise_log_likelihood,
+    regression_metrics,
+    sample_draws,
+)
+from training.summaries import sample_mean, sample_var  # noqa: E402
+from training.train import sample_limits, train_model  # noqa: E402
+
+UCI = ROOT.parent / "shared" / "data" / "uci"
+DATASETS = ("bostonHousing", "concrete", "energy", "wine-quality-red", "yacht")
+PUBLISHED = {  # published.json keys, in table order
+    "mc_dropout_grid_2018": "MC dropout 2018 (grid)",
+    "mc_dropout_2016": "MC dropout 2016",
+    "pbp": "PBP",
+    "vi": "VI (Graves)",
+    "deep_ensembles": "deep ensembles",
+}
+EXTRA_METHODS = ("credence_defaults",)
+VAL_FRACTION = 0.2
+GRID_EPOCHS_FACTOR, REFIT_EPOCHS_FACTOR = 10, 100
+LEVELS = [round(0.05 * i, 2) for i in range(1, 20)] + [0.99]  # central interval levels
+OUT = ROOT / "docs" / "results" / "uci"
+
+
+@dataclass
+class Settings:
+    """What the run does beyond the folder's own files."""
+
+    seed: int
+    test_samples: int
+    val_samples: int
+    grid_epochs: int | None  # None: GRID_EPOCHS_FACTOR x n_epochs.txt
+    refit_epochs: int | None  # None: REFIT_EPOCHS_FACTOR x n_epochs.txt
+    threads: int
+
+
+def read_number(folder: Path, name: str, default: float) -> float:
+    path = folder / name
+    return float(np.loadtxt(path, ndmin=1)[0]) if path.is_file() else default
+
+
+def read_list(folder: Path, name: str) -> list[float]:
+    return [float(v) for v in np.loadtxt(folder / name, ndmin=1)]
 
 
 def parse_splits(text: str) -> list[int]:
@@ -32,47 +122,544 @@ def parse_splits(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
 
 
-def mean_se(values: list[float]) -> str:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} +- {se:.3f}"
+def split_validation(train: Dataset, seed: int) -> tuple[Dataset, Dataset]:
+    """The inner (fit, validation) split of a training split: the one train_model makes."""
+    fit_rows, val_rows = holdout_split(len(train), VAL_FRACTION, seed)
+    return train.subset(fit_rows), train.subset(val_rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("datasets", nargs="+")
-    parser.add_argument("--splits", type=parse_splits, default=parse_splits("0-4"))
-    parser.add_argument("--root", type=Path, default=UCI)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    published = json.loads((args.root / "published.json").read_text())
-    rows = []
-    for name in args.datasets:
-        rmse, ll, coverage = [], [], []
-        for split in args.splits:
-            loaded = load_data(str(args.root / name), split=split)
+# ------------------------------------------------------------------------------- scoring
+
+
+def mixture_cdf(draws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PIT values F(y) [B] of a single target under the Monte-Carlo mixture."""
+    mu, var = draws[..., 0].double(), draws[..., 1].double()
+    return sample_mean(torch.special.ndtr((y.view(1, -1) - mu) / var.clamp_min(1e-300).sqrt()))
+
+
+def coverage_curve(draws: torch.Tensor, y: torch.Tensor, calibration: dict | None) -> list[float]:
+    """Observed coverage of the central interval at each of LEVELS, as served (raw or with
+    `calibration`): y is inside the level-a interval iff its PIT value lies between the
+    interval's tail probabilities, so one CDF evaluation scores every level at once."""
+    cal = parse_calibration(calibration, num_targets=1) if calibration else None
+    if cal is not None and cal.method == "conformal":
+        mean = sample_mean(draws[..., 0].double())
+        std = (sample_mean(draws[..., 1].double()) + sample_var(draws[..., 0].double())).sqrt()
+        score = ((y - mean).abs() / std).numpy()
+        return [float((score <= conformal_quantile(cal, a)[0]).mean()) for a in LEVELS]
+    if cal is not None and cal.method == "variance":
+        draws = variance_scaled_draws(draws, cal)
+    pit = mixture_cdf(draws, y).numpy()
+    curve = []
+    for a in LEVELS:
+        lo, hi = (1 - a) / 2, (1 + a) / 2
+        if cal is not None and cal.method == "isotonic":
+            lo, hi = isotonic_tails(cal, 0, [lo, hi])
+        curve.append(float(((pit >= lo) & (pit <= hi)).mean()))
+    return curve
+
+
+def score(
+    draws: torch.Tensor, test: Dataset, val_draws: torch.Tensor, val: Dataset
+) -> dict[str, object]:
+    """Raw test metrics, and for each calibration fitted on the validation draws the
+    calibrated 95% coverage and width (and the log-likelihood, for variance scaling)."""
+    y = torch.as_tensor(test.y, dtype=torch.float64)
+    out: dict[str, object] = {"raw": regression_metrics(draws, y)}
+    curves = {"raw": coverage_curve(draws, y.view(-1), None)}
+    for method in CALIBRATIONS:
+        fitted = fit_calibration(method, val_draws, val.y)
+        metrics = regression_metrics(draws, y, calibration=fitted)
+        out[method] = {
+            "coverage_95": metrics["calibrated_coverage_95"],
+            "interval_width_95": metrics["calibrated_interval_width_95"],
+            **(
+                {"log_likelihood": metrics["calibrated_log_likelihood"]}
+                if "calibrated_log_likelihood" in metrics
+                else {}
+            ),
+            "fitted": fitted if method == "variance" else {"rows": fitted["rows"]},
+        }
+        curves[method] = coverage_curve(draws, y.view(-1), fitted)
+    out["curves"] = curves
+    return out
+
+
+# --------------------------------------------------------------------------- MC dropout
+
+
+def member_seed(seed: int, split: int, index: int) -> int:
+    return seed * 1_000_000 + split * 1_000 + index
+
+
+def mc_dropout(
+    folder: Path, loaded: dict[int, LoadedData], settings: Settings, log: Callable[[str], None]
+) -> dict[int, dict]:
+    """The grid-search protocol on every split of `loaded`; per-split results."""
+    configs = [
+        GridConfig(p, t)
+        for p in read_list(folder, "dropout_rates.txt")
+        for t in read_list(folder, "tau_values.txt")
+    ]
+    hidden = [int(read_number(folder, "n_hidden.txt", 50))]
+    base_epochs = int(read_number(folder, "n_epochs.txt", 40))
+    grid_epochs = settings.grid_epochs or GRID_EPOCHS_FACTOR * base_epochs
+    refit_epochs = settings.refit_epochs or REFIT_EPOCHS_FACTOR * base_epochs
+    results: dict[int, dict] = {}
+    chosen: dict[int, GridConfig] = {}
+    val_draws: dict[int, tuple[torch.Tensor, Dataset]] = {}
+    for split, data in loaded.items():
+        fit_set, val_set = split_validation(data.train, settings.seed)
+        stats = standardization(fit_set)
+        members = [
+            GridMember(c, stats, member_seed(settings.seed, split, i))
+            for i, c in enumerate(configs)
+        ]
+        grid = DropoutGrid(data.train.num_features, hidden, members)
+        fitted = fit_grid(grid, fit_set, grid_epochs, threads=settings.threads)
+        trained = time.perf_counter()
+        y_val = torch.as_tensor(val_set.y)
+        scores, draws = [], []
+        for i in range(len(configs)):
+            d = sample_draws(grid.member_model(i), val_set.x, settings.val_samples, settings.seed)
+            scores.append(float(pointwise_log_likelihood("regression", d, y_val).mean()))
+            draws.append(d)
+        best = int(np.argmax(scores))
+        chosen[split] = configs[best]
+        val_draws[split] = (draws[best], val_set)
+        results[split] = {
+            "dropout": configs[best].dropout,
+            "tau": configs[best].tau,
+            "validation_log_likelihood": scores[best],
+            "grid": [
+                {"dropout": c.dropout, "tau": c.tau, "validation_log_likelihood": s}
+                for c, s in zip(configs, scores, strict=True)
+            ],
+            "seconds": {
+                "grid_fit": fitted.seconds,
+                "grid_validation": time.perf_counter() - trained,
+            },
+        }
+        log(
+            f"  split {split}: grid of {len(configs)} x {grid_epochs} epochs ({fitted.steps} "
+            f"stacked steps) {fitted.seconds:.1f}s, validation "
+            f"{time.perf_counter() - trained:.1f}s;"
+            f" best dropout {configs[best].dropout:g} tau {configs[best].tau:g}"
+            f" (validation LL {scores[best]:.3f})"
+        )
+    by_size: dict[int, list[int]] = {}
+    for split, data in loaded.items():  # one stack per training-set size (usually one)
+        by_size.setdefault(len(data.train), []).append(split)
+    for splits in by_size.values():
+        members = [
+            GridMember(
+                chosen[k],
+                standardization(loaded[k].train),
+                member_seed(settings.seed, k, 999),
+            )
+            for k in splits
+        ]
+        grid = DropoutGrid(loaded[splits[0]].train.num_features, hidden, members)
+        sets = [loaded[k].train for k in splits]
+        fitted = fit_grid(grid, sets, refit_epochs, threads=settings.threads)
+        log(
+            f"  refit of {len(splits)} splits x {refit_epochs} epochs, stacked: {fitted.steps} "
+            f"steps, {fitted.seconds:.1f}s ({fitted.seconds / len(splits):.1f}s per split)"
+        )
+        for j, k in enumerate(splits):
             start = time.perf_counter()
-            result = train_model(
-                loaded.train, loaded.test, options=FitOptions(seed=args.seed, progress=False)
+            model = grid.member_model(j)
+            test = loaded[k].test
+            draws = sample_draws(model, test.x, settings.test_samples, settings.seed)
+            vd, vs = val_draws[k]
+            results[k] |= score(draws, test, vd, vs)
+            results[k]["seconds"] |= {
+                "refit_share": fitted.seconds / len(splits),
+                "test": time.perf_counter() - start,
+            }
+            log_split(log, k, results[k])
+    return results
+
+
+def log_split(log: Callable[[str], None], split: int, result: dict) -> None:
+    raw = result["raw"]
+    seconds = result["seconds"]
+    total = sum(seconds.values())
+    log(
+        f"  split {split}: RMSE {raw['rmse']:.3f}  LL {raw['log_likelihood']:.3f}  95% coverage "
+        f"{raw['coverage_95']:.3f} (variance {result['variance']['coverage_95']:.3f}, "
+        f"isotonic {result['isotonic']['coverage_95']:.3f}, conformal "
+        f"{result['conformal']['coverage_95']:.3f})  "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+        + f", total {total:.1f}s"
+    )
+
+
+# ----------------------------------------------------------------------- trainer methods
+
+
+def trainer_method(
+    method: str,
+    folder: Path,
+    loaded: dict[int, LoadedData],
+    settings: Settings,
+    log: Callable[[str], None],
+) -> dict[int, dict]:
+    """`credence-train`'s own training of `method` (its defaults) on every split."""
+    hidden = [int(read_number(folder, "n_hidden.txt", 50))]
+    kwargs: dict = {"method": method, "hidden": hidden}
+    if method == "credence_defaults":
+        kwargs = {}
+    elif method == "ensemble":
+        kwargs["noise"] = "heteroscedastic"
+    results: dict[int, dict] = {}
+    for split, data in loaded.items():
+        start = time.perf_counter()
+        options = FitOptions(seed=settings.seed, progress=False, threads=settings.threads)
+        trained = train_model(data.train, None, options=options, eval_samples=1, **kwargs)
+        fitted = time.perf_counter()
+        model = trained.model
+        samples = min(settings.test_samples, sample_limits(model)["max"])
+        _, val_set = split_validation(data.train, settings.seed)
+        val_draws = sample_draws(
+            model, val_set.x, min(samples, settings.val_samples), settings.seed
+        )
+        draws = sample_draws(model, data.test.x, samples, settings.seed)
+        results[split] = score(draws, data.test, val_draws, val_set)
+        results[split]["epochs"] = trained.fit.epochs_run
+        results[split]["seconds"] = {"fit": fitted - start, "test": time.perf_counter() - fitted}
+        log_split(log, split, results[split])
+    return results
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return statistics.mean(values), se
+
+
+def aggregate(per_split: dict[int, dict]) -> dict:
+    """Mean and standard error over splits of every reported number, and the mean curves."""
+    runs = list(per_split.values())
+    out: dict = {"splits": len(runs)}
+    keys = [("raw", k) for k in ("rmse", "log_likelihood", "coverage_95", "interval_width_95")]
+    keys += [(m, k) for m in CALIBRATIONS for k in ("coverage_95", "interval_width_95")]
+    keys += [("variance", "log_likelihood")]
+    for group, key in keys:
+        out[f"{group}.{key}"] = mean_se([r[group][key] for r in runs])
+    out["curves"] = {
+        name: np.mean([r["curves"][name] for r in runs], axis=0).tolist()
+        for name in runs[0]["curves"]
+    }
+    seconds = [sum(r["seconds"].values()) for r in runs]
+    out["seconds_per_split"] = statistics.mean(seconds)
+    if "dropout" in runs[0]:
+        pairs = [f"{r['dropout']:g}/{r['tau']:g}" for r in runs]
+        out["chosen"] = {p: pairs.count(p) for p in sorted(set(pairs))}
+    return out
+
+
+def fmt(pair: Sequence[float] | None, digits: int = 2) -> str:
+    return "-" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def targets(results: dict, published: dict) -> list[str]:
+    """Lines saying which of the benchmark's targets hold on this run."""
+    lines = []
+    for name, methods in results.items():
+        pub = published.get(name, {}).get("mc_dropout_grid_2018")
+        ours = methods.get("mc_dropout")
+        if pub and ours:
+            rmse, ll = ours["raw.rmse"][0], ours["raw.log_likelihood"][0]
+            rmse_ok = rmse <= pub["rmse"][0] + pub["rmse"][1]
+            ll_ok = ll >= pub["ll"][0] - pub["ll"][1]
+            lines.append(
+                f"- {name}: MC dropout RMSE {rmse:.2f} vs {pub['rmse'][0]} ± {pub['rmse'][1]} "
+                f"({'holds' if rmse_ok else 'misses'}), LL {ll:.2f} vs {pub['ll'][0]} ± "
+                f"{pub['ll'][1]} ({'holds' if ll_ok else 'misses'})"
             )
-            test = result.metrics["test"]
-            rmse.append(test["rmse"])
-            ll.append(test["log_likelihood"])
-            coverage.append(test["coverage_95"])
-            print(
-                f"{name} split {split}: RMSE {test['rmse']:.3f}  LL {test['log_likelihood']:.3f}"
-                f"  95% coverage {test['coverage_95']:.2f}  epochs {result.fit.epochs_run}"
-                f" (best {result.fit.best_epoch})  {time.perf_counter() - start:.1f}s",
-                flush=True,
+    wins = []
+    for name, methods in results.items():
+        pub = published.get(name, {}).get("mc_dropout_grid_2018")
+        if not pub or not methods:
+            continue
+        best = max(methods, key=lambda m: methods[m]["raw.log_likelihood"][0])
+        ll = methods[best]["raw.log_likelihood"][0]
+        wins.append(ll > pub["ll"][0])
+        lines.append(
+            f"- {name}: best Credence LL {ll:.2f} ({best}) "
+            f"{'beats' if ll > pub['ll'][0] else 'does not beat'} published MC dropout "
+            f"{pub['ll'][0]}"
+        )
+    if wins:
+        lines.append(f"- best method beats published MC-dropout LL on {sum(wins)} of {len(wins)}")
+    for name, methods in results.items():
+        for method, agg in methods.items():
+            covs = {c: agg[f"{c}.coverage_95"][0] for c in CALIBRATIONS}
+            held = [c for c, v in covs.items() if 0.93 <= v <= 0.97]
+            lines.append(
+                f"- {name} / {method}: calibrated 95% coverage "
+                + ", ".join(f"{c} {v:.3f}" for c, v in covs.items())
+                + f"; inside [0.93, 0.97]: {', '.join(held) or 'none'}"
             )
-        ref = published.get(name, {}).get("mc_dropout_2016", {})
-        rows.append((name, len(args.splits), mean_se(rmse), mean_se(ll), mean_se(coverage), ref))
-    print()
-    print("| data | splits | RMSE | LL | 95% coverage | MC dropout 2016 RMSE / LL |")
-    print("|---|---|---|---|---|---|")
-    for name, n, r, lk, c, ref in rows:
-        paper = f"{ref['rmse'][0]} / {ref['ll'][0]}" if ref else "-"
-        print(f"| {name} | {n} | {r} | {lk} | {c} | {paper} |")
+    return lines
+
+
+def markdown(record: dict) -> str:
+    results, published = record["results"], record["published"]
+    rows = [
+        "| data | method | splits | RMSE | LL | LL (variance-calibrated) | 95% coverage raw | "
+        "variance | isotonic | conformal | 95% width raw | s / split |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, methods in results.items():
+        for method, a in methods.items():
+            rows.append(
+                f"| {name} | {method} | {a['splits']} | {fmt(a['raw.rmse'])} | "
+                f"{fmt(a['raw.log_likelihood'])} | {fmt(a['variance.log_likelihood'])} | "
+                f"{fmt(a['raw.coverage_95'], 3)} | {fmt(a['variance.coverage_95'], 3)} | "
+                f"{fmt(a['isotonic.coverage_95'], 3)} | {fmt(a['conformal.coverage_95'], 3)} | "
+                f"{fmt(a['raw.interval_width_95'])} | {a['seconds_per_split']:.1f} |"
+            )
+    pub_rows = [
+        "| data | " + " | ".join(PUBLISHED.values()) + " |",
+        "|---|" + "---|" * len(PUBLISHED),
+    ]
+    for name in results:
+        ref = published.get(name, {})
+        cells = [
+            f"{ref[k]['rmse'][0]} ± {ref[k]['rmse'][1]} / {ref[k]['ll'][0]} ± {ref[k]['ll'][1]}"
+            if k in ref
+            else "-"
+            for k in PUBLISHED
+        ]
+        pub_rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    chosen = [
+        f"- {name}: " + ", ".join(f"{p} x{n}" for p, n in m["mc_dropout"]["chosen"].items())
+        for name, m in results.items()
+        if "mc_dropout" in m
+    ]
+    machine = record["machine"]
+    return "\n".join(
+        [
+            "# UCI regression benchmark",
+            "",
+            *[f"Command: `{c}`  " for c in record["commands"]],
+            f"Machine: {machine['arch']}, {machine['cpu_count']} cores ({machine['cpu_model']}), "
+            f"Python {machine['python']}, torch {machine['torch']} with {record['threads']} "
+            f"thread(s); {machine['date']}; wall time {record['seconds'] / 60:.1f} min"
+            + (" (all commands)." if len(record["commands"]) > 1 else "."),
+            "",
+            "Test metrics, mean ± standard error over splits, original target units. LL is the "
+            "log-likelihood of the Monte-Carlo mixture (higher is better); coverage is the share "
+            "of test points inside the central 95% interval, raw and with each calibration "
+            "fitted on the inner validation rows; width is the raw interval's mean width. "
+            f"Draws: {record['settings']['test_samples']} per test point (ensembles: one per "
+            "member).",
+            "",
+            *rows,
+            "",
+            "Published (RMSE / LL, mean ± standard error; deep ensembles' ± is a standard "
+            "deviation), from `published.json`:",
+            "",
+            *pub_rows,
+            "",
+            "Targets:",
+            "",
+            *targets(results, published),
+            "",
+            "MC dropout's chosen dropout rate / tau, and how many splits chose each:",
+            "",
+            *chosen,
+            "",
+            "Protocol: see the docstring of `benchmarks/uci.py`. The calibration plot is "
+            "`uci.png` (observed vs expected coverage of central intervals, mean over splits).",
+            "",
+        ]
+    )
+
+
+def plot(record: dict, path: Path) -> bool:
+    """Observed vs expected coverage per data set; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    results = record["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4), squeeze=False)
+    styles = {"raw": "-", "variance": "--", "isotonic": ":", "conformal": "-."}
+    for ax, (name, methods) in zip(axes[0], results.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=1)
+        for color, (method, agg) in enumerate(methods.items()):
+            for curve, values in agg["curves"].items():
+                ax.plot(
+                    LEVELS,
+                    values,
+                    styles[curve],
+                    color=f"C{color}",
+                    label=f"{method} {curve}",
+                    lw=1.2,
+                )
+        ax.set_title(name)
+        ax.set_xlabel("expected coverage")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("observed coverage (test)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def write(record: dict, out: Path, final: bool) -> None:
+    """Write OUT.md / .json / .png; called after every data set and method, so an
+    interrupted run keeps what it finished."""
+    text = markdown(record)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+    plotted = plot(record, out.with_suffix(".png"))
+    if final:
+        print()
+        print(text)
+        if not plotted:
+            print("matplotlib is not installed: no calibration plot (pip install -e '.[bench]')")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "datasets", nargs="*", help=f"names under --root (default: {' '.join(DATASETS)})"
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="folders in the UCI layout, anywhere",
+    )
+    parser.add_argument("--root", type=Path, default=UCI)
+    parser.add_argument(
+        "--methods",
+        default="mc_dropout",
+        help="comma-separated: mc_dropout (the grid protocol), any credence-train "
+        f"method ({', '.join(m for m in METHODS if m != 'mc_dropout')}), "
+        "credence_defaults",
+    )
+    parser.add_argument("--splits", type=parse_splits, help="e.g. 0-19 (default: all)")
+    parser.add_argument("--quick", action="store_true", help="splits 0-2 only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-samples", type=int, default=10_000)
+    parser.add_argument("--val-samples", type=int, default=1_000)
+    parser.add_argument("--grid-epochs", type=int, help="default: 10 x n_epochs.txt")
+    parser.add_argument("--refit-epochs", type=int, help="default: 100 x n_epochs.txt")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add this run's methods to the results already in OUT.json (its other methods "
+        "and data sets stay, and both commands are listed) instead of replacing them",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT,
+        help="writes OUT.md, OUT.json, OUT.png (default: docs/results/uci)",
+    )
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS) - set(EXTRA_METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}")
+    folders = [args.root / name for name in args.datasets] + list(args.data)
+    if not folders:
+        folders = [args.root / name for name in DATASETS]
+    published_path = args.root / "published.json"
+    published = json.loads(published_path.read_text()) if published_path.is_file() else {}
+    settings = Settings(
+        args.seed,
+        args.test_samples,
+        args.val_samples,
+        args.grid_epochs,
+        args.refit_epochs,
+        args.threads,
+    )
+    torch.set_num_threads(args.threads)
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    command = " ".join(
+        [".venv/bin/python benchmarks/uci.py", *map(shlex.quote, argv or sys.argv[1:])]
+    )
+    results: dict[str, dict] = {}
+    per_split: dict[str, dict] = {}
+    record = {
+        "commands": [command],
+        "machine": {
+            "arch": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        },
+        "threads": args.threads,
+        "settings": vars(settings),
+        "seconds": 0.0,
+        "levels": LEVELS,
+        "published": published,
+        "results": results,
+        "per_split": per_split,
+    }
+    start = time.perf_counter()
+    previous = args.out.with_suffix(".json")
+    if args.merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        record["commands"] = [*old.get("commands", [old.get("command")]), command]
+        start -= old["seconds"]  # the wall time reported covers every run
+        results.update(old["results"])
+        per_split.update(old["per_split"])
+    for folder in folders:
+        name = folder.name
+        splits = args.splits or list(range(uci_num_splits(folder)))
+        if args.quick:
+            splits = splits[:3]
+        loaded = {k: load_data(str(folder), split=k) for k in splits}
+        results.setdefault(name, {})
+        per_split.setdefault(name, {})
+        for method in methods:
+            began = time.perf_counter()
+            log(f"{name} / {method}: {len(splits)} splits")
+            if method == "mc_dropout":
+                runs = mc_dropout(folder, loaded, settings, log)
+            else:
+                runs = trainer_method(method, folder, loaded, settings, log)
+            results[name][method] = aggregate(runs)
+            results[name][method]["seconds"] = time.perf_counter() - began
+            per_split[name][method] = {str(k): v for k, v in runs.items()}
+            a = results[name][method]
+            log(
+                f"{name} / {method}: RMSE {fmt(a['raw.rmse'], 3)}  LL "
+                f"{fmt(a['raw.log_likelihood'], 3)}  95% coverage {fmt(a['raw.coverage_95'], 3)}"
+                f"  in {a['seconds']:.0f}s"
+            )
+            record["seconds"] = time.perf_counter() - start
+            write(record, args.out, final=False)
+    record["seconds"] = time.perf_counter() - start
+    write(record, args.out, final=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
