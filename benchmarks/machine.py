@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import platform
+from datetime import UTC, datetime
 from pathlib import Path
+
+import torch
 
 
 def cpu_model() -> str:
@@ -15,3 +19,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def machine_record() -> dict[str, str | int | None]:
+    """The machine and software a result came from, as stored beside it in JSON."""
+    return {
+        "arch": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }

@@ -39,7 +39,6 @@ import asyncio
 import itertools
 import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -50,11 +49,10 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from machine import cpu_model
+from machine import machine_record
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -792,7 +790,6 @@ def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | No
 
 
 def main_bench(args: argparse.Namespace) -> None:
-    import torch
 
     names = list(WORKLOADS) if args.workload == "both" else [args.workload]
     workloads = [WORKLOADS[n] for n in names]
@@ -829,14 +826,7 @@ def main_bench(args: argparse.Namespace) -> None:
     command = ".venv/bin/python benchmarks/serve.py" + (" --quick" if args.quick else "")
     if args.workload != "both":
         command += f" --workload {args.workload}"
-    machine = {
-        "arch": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    machine = machine_record()
     settings = {
         "warmup_s": warmup_s,
         "duration_s": duration_s,

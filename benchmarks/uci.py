@@ -37,20 +37,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model
+from machine import machine_record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -606,14 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_split: dict[str, dict] = {}
     record = {
         "commands": [command],
-        "machine": {
-            "arch": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "cpu_model": cpu_model(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        },
+        "machine": machine_record(),
         "threads": args.threads,
         "settings": vars(settings),
         "seconds": 0.0,
