@@ -49,6 +49,14 @@ def test_round_trip_gives_identical_draws(tmp_path):
     torch.testing.assert_close(loaded.build().sample(x, 20, seeds), model.sample(x, 20, seeds))
 
 
+def test_version_folders_get_the_umask_mode_not_owner_only(tmp_path):
+    """A server running as another user (the Docker image's) must be able to read them."""
+    _, path = _saved(tmp_path)
+    sibling = tmp_path / "made-by-mkdir"
+    sibling.mkdir()
+    assert path.stat().st_mode & 0o777 == sibling.stat().st_mode & 0o777
+
+
 def test_versions_increase_and_latest_is_highest(tmp_path):
     _, first = _saved(tmp_path)
     _, second = _saved(tmp_path)

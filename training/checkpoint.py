@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -107,7 +108,11 @@ def save_checkpoint(
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "files": {f: {"sha256": _sha256(d), "bytes": len(d)} for f, d in files.items()},
         }
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+        # mkdir, not mkdtemp: a version folder gets the umask's mode like any other folder,
+        # not mkdtemp's owner-only 0700, so a server running as another user (the Docker
+        # image's) can read models trained on the host.
+        staging = root / f".staging-{secrets.token_hex(8)}"
+        staging.mkdir()
         for filename, data in files.items():
             (staging / filename).write_bytes(data)
         (staging / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
