@@ -86,3 +86,35 @@ def test_classification_intervals_are_quantiles_of_draw_probabilities():
     torch.testing.assert_close(s["lower"][0], torch.quantile(p, 0.1, dim=0))
     torch.testing.assert_close(s["upper"][0], torch.quantile(p, 0.9, dim=0))
     assert s["predicted_class"].tolist() == s["probabilities"].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("n", [1, 7, 100])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rows_summary_is_the_same_bits_alone_or_in_any_batch(n, threads):
+    """The server's promise to a seeded request: its numbers do not depend on its batch."""
+    generator = torch.Generator().manual_seed(n)
+    mu = torch.randn(n, 37, 2, generator=generator, dtype=torch.float64)
+    var = torch.rand(n, 37, 2, generator=generator, dtype=torch.float64) + 0.01
+    draws = torch.cat([mu, var], dim=-1)
+    levels = [0.9, 0.5]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        full = regression_summary(draws, levels)
+        for row in (0, 17, 36):
+            # the row alone, first of a shorter batch, and last of a shorter batch
+            for part, at in (
+                (slice(row, row + 1), 0),
+                (slice(row, None), 0),
+                (slice(0, row + 1), row),
+            ):
+                summary = regression_summary(draws[:, part], levels)
+                for key, value in summary.items():
+                    mine, theirs = (
+                        (value[:, at], full[key][:, row])
+                        if key in ("lower", "upper")
+                        else (value[at], full[key][row])
+                    )
+                    assert torch.equal(mine, theirs), (key, row, part)
+    finally:
+        torch.set_num_threads(before)
