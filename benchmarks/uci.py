@@ -71,7 +71,7 @@ from training.metrics import (  # noqa: E402
     regression_metrics,
     sample_draws,
 )
-from training.summaries import sample_mean, sample_var  # noqa: E402
+from training.summaries import mixture_cdf, regression_summary  # noqa: E402
 from training.train import sample_limits, train_model  # noqa: E402
 
 UCI = ROOT.parent / "shared" / "data" / "uci"
@@ -128,25 +128,18 @@ def split_validation(train: Dataset, seed: int) -> tuple[Dataset, Dataset]:
 # ------------------------------------------------------------------------------- scoring
 
 
-def mixture_cdf(draws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PIT values F(y) [B] of a single target under the Monte-Carlo mixture."""
-    mu, var = draws[..., 0].double(), draws[..., 1].double()
-    return sample_mean(torch.special.ndtr((y.view(1, -1) - mu) / var.clamp_min(1e-300).sqrt()))
-
-
 def coverage_curve(draws: torch.Tensor, y: torch.Tensor, calibration: dict | None) -> list[float]:
     """Observed coverage of the central interval at each of LEVELS, as served (raw or with
     `calibration`): y is inside the level-a interval iff its PIT value lies between the
     interval's tail probabilities, so one CDF evaluation scores every level at once."""
     cal = parse_calibration(calibration, num_targets=1) if calibration else None
     if cal is not None and cal.method == "conformal":
-        mean = sample_mean(draws[..., 0].double())
-        std = (sample_mean(draws[..., 1].double()) + sample_var(draws[..., 0].double())).sqrt()
-        score = ((y - mean).abs() / std).numpy()
+        summary = regression_summary(draws, [])  # the served mean and std
+        score = ((y - summary["mean"][:, 0]).abs() / summary["std"][:, 0]).numpy()
         return [float((score <= conformal_quantile(cal, a)[0]).mean()) for a in LEVELS]
     if cal is not None and cal.method == "variance":
         draws = variance_scaled_draws(draws, cal)
-    pit = mixture_cdf(draws, y).numpy()
+    pit = mixture_cdf(draws[..., 0].double(), draws[..., 1].double(), y).numpy()
     curve = []
     for a in LEVELS:
         lo, hi = (1 - a) / 2, (1 + a) / 2

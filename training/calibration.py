@@ -41,7 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.summaries import Summary, mixture_quantile, regression_summary, sample_mean
+from training.summaries import (
+    Summary,
+    mixture_cdf,
+    mixture_quantile,
+    regression_summary,
+    sample_mean,
+)
 from training.summaries import summarize as summarize_uncalibrated
 
 METHODS = ("variance", "isotonic", "conformal")
@@ -106,7 +112,7 @@ def fit_calibration(
         return {"method": "variance", "rows": m, "scale": scale}
     ranks = _knot_ranks(m)
     if method == "isotonic":
-        pit = _mixture_cdf(mu, var, y).sort(dim=0).values  # [m, k]
+        pit = mixture_cdf(mu, var, y).sort(dim=0).values  # [m, k]
         observed = (ranks / (m + 1)).tolist()
         predicted = pit[torch.as_tensor(ranks - 1)].T.tolist()
         return {"method": "isotonic", "rows": m, "predicted": predicted, "observed": [observed] * k}
@@ -122,11 +128,6 @@ def _knot_ranks(m: int) -> np.ndarray:
     if m <= MAX_KNOTS:
         return np.arange(1, m + 1)
     return np.unique(np.round(np.linspace(1, m, MAX_KNOTS)).astype(np.int64))
-
-
-def _mixture_cdf(mu: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """F(y) under the mixture 1/n sum_s N(mu_s, var_s), per row and target: PIT values."""
-    return sample_mean(torch.special.ndtr((y - mu) / var.clamp_min(1e-300).sqrt()))
 
 
 def _fit_scale(mu: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:

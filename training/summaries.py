@@ -47,6 +47,11 @@ def sample_var(t: torch.Tensor) -> torch.Tensor:
     return sample_mean((t - sample_mean(t)) ** 2)
 
 
+def mixture_cdf(mean: torch.Tensor, variance: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """F(y) under the mixtures 1/n sum_s N(mean[s], variance[s]) over axis 0: PIT values."""
+    return sample_mean(torch.special.ndtr((y - mean) / variance.clamp_min(1e-300).sqrt()))
+
+
 def mixture_quantile(
     mean: torch.Tensor, variance: torch.Tensor, probs: Sequence[float], tol: float = 1e-12
 ) -> torch.Tensor:
