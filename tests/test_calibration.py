@@ -290,21 +290,6 @@ def test_an_uncalibrated_prediction_says_null(model_dir):
     assert response.json()["predictions"][0]["calibration"] is None
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--data=toy:moons", "--calibration=isotonic"], "--calibration applies to regression"),
-        (["--data=toy:sine-gap", "--calibration=isotonic", "--val-fraction=0"], "--val-fraction"),
-        (["--data=toy:sine-gap", "--calibration=platt"], "invalid choice: 'platt'"),
-    ],
-)
-def test_cli_refuses_calibration_it_cannot_fit(args, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        cli.main([*args, f"--out={tmp_path}", "--quiet"])
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 # ------------------------------------------------------------------ malformed calibration
 
 GOOD = {"method": "conformal", "rows": 3, "ranks": [1, 2, 3], "scores": [[0.1, 0.5, 2.0]]}

@@ -234,6 +234,10 @@ def test_cli_classification_from_csv(tmp_path, capsys):
         (["--data=toy:sine-gap", "--method=magic"], "invalid choice: 'magic'"),
         (["--data=toy:sine-gap", "--val-fraction=0.9"], "expected a number in [0, 0.5]"),
         (["--data=toy:moons", "--noise=heteroscedastic"], "--noise applies to regression"),
+        # calibration the trainer cannot fit
+        (["--data=toy:moons", "--calibration=isotonic"], "--calibration applies to regression"),
+        (["--data=toy:sine-gap", "--calibration=isotonic", "--val-fraction=0"], "--val-fraction"),
+        (["--data=toy:sine-gap", "--calibration=platt"], "invalid choice: 'platt'"),
     ],
 )
 def test_cli_rejects_bad_options(args, message, capsys, tmp_path):
