@@ -5,8 +5,9 @@ per (dropout rate, noise precision tau) pair on every split, then refits the bes
 the whole training split. Trained one after another that is hundreds of short runs whose
 per-step cost is almost all Python and kernel-launch overhead, since a 50-unit network is
 tiny; stacked ([M, in, out] weights, `torch.baddbmm`), M networks take one optimizer step
-together for a few times the cost of one (measured on 2 cores: 12 members 2.4 ms per step,
-20 members 3.1 ms, one network alone 1.0 ms).
+together for a few times the cost of one (measured on 2 cores, concrete's 927 rows: one
+network alone 1.0 ms per step, 12 members 2.4 ms, 20 members 3.1 ms, 240 members 28 ms; past
+a few dozen members the cost is the elementwise work, a third of it the dropout masks).
 
 Each member m is exactly an `MCDropoutMLP` with its own dropout rate p_m and fixed Gaussian
 noise of precision tau_m (original target units), with its own normalizer statistics and
@@ -157,15 +158,21 @@ class DropoutGrid(nn.Module):
             total = total + self.lengthscale**2 * scale / (2 * num_train) * w.pow(2).sum((1, 2))
         return total
 
-    def epoch_masks(self, generators: list[torch.Generator], rows: int) -> list[torch.Tensor]:
+    def epoch_masks(
+        self, generators: list[torch.Generator], rows: int, out: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Dropout scales for one epoch, [M, rows, width] per dropped layer; member m's come
-        from its own generator alone, so they do not depend on the other members."""
+        from its own generator alone, so they do not depend on the other members. `out`
+        ([M, rows, sum of widths]) is reused in place: a stack of a few hundred members
+        draws tens of millions of masks an epoch, and fresh tensors of that size cost more
+        in page faults than the comparison itself."""
         widths = self.mask_widths
-        uniforms = torch.empty(self.members, rows, sum(widths))
+        if out is None:
+            out = torch.empty(self.members, rows, sum(widths))
         for m, gen in enumerate(generators):
-            torch.rand(rows, sum(widths), generator=gen, out=uniforms[m])
-        scale = torch.where(uniforms < self.keep, 1.0 / self.keep, 0.0)
-        return list(torch.split(scale, widths, dim=-1))
+            torch.rand(rows, sum(widths), generator=gen, out=out[m])
+        out.lt_(self.keep).div_(self.keep)  # {0, 1/keep}, as torch.where would give
+        return list(torch.split(out, widths, dim=-1))
 
     def member_model(self, m: int) -> MCDropoutMLP:
         """Member m as a servable `MCDropoutMLP` (its fixed noise in the likelihood)."""
@@ -233,22 +240,24 @@ def fit_grid(
     optimizer = adam(grid.parameters(), lr)
     dropped = [grid.dropped(i) for i in range(len(grid.weights))]
     steps, sums = 0, torch.zeros(grid.members)
+    buffer = torch.empty(grid.members, n, sum(grid.mask_widths))
     grid.train()
     with torch_threads(threads):
         for _ in range(epochs):
             order = torch.stack([torch.randperm(n, generator=g) for g in shuffles])
-            scales = iter(grid.epoch_masks(mask_gens, n))
+            x_epoch, y_epoch = x[members, order], y[members, order]  # one gather an epoch
+            scales = iter(grid.epoch_masks(mask_gens, n, buffer))
             layer_scales = [next(scales) if d else None for d in dropped]
             sums = torch.zeros(grid.members)
             for i in range(0, n, batch_size):
-                rows = order[:, i : i + batch_size]
-                masks = [s[:, i : i + batch_size] if s is not None else None for s in layer_scales]
-                nll = grid.member_nll(grid(x[members, rows], masks), y[members, rows])
+                batch = slice(i, i + batch_size)
+                masks = [s[:, batch] if s is not None else None for s in layer_scales]
+                nll = grid.member_nll(grid(x_epoch[:, batch], masks), y_epoch[:, batch])
                 loss = (nll + grid.penalty(n)).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                sums += nll.detach() * rows.shape[1]
+                sums += nll.detach() * min(batch_size, n - i)
                 steps += 1
     grid.eval()
     return GridFitResult(epochs, steps, time.perf_counter() - start, (sums / n).tolist())
