@@ -578,6 +578,13 @@ def write(record: dict, out: Path, final: bool) -> None:
             print("matplotlib is not installed: no calibration plot (pip install -e '.[bench]')")
 
 
+def task_cost(task: tuple[Path, str, list[int]]) -> tuple[bool, int]:
+    """Rough order of a task's run time: the grid protocol first, then by data size."""
+    folder, method, splits = task
+    data = folder / "data.txt"
+    return method == "mc_dropout", len(splits) * (data.stat().st_size if data.is_file() else 0)
+
+
 def prefixed(prefix: str, message: str) -> None:
     print(f"{prefix}{message}", flush=True)
 
@@ -693,6 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for folder in folders:
         splits = args.splits or list(range(uci_num_splits(folder)))
         tasks += [(folder, method, splits[:3] if args.quick else splits) for method in methods]
+    tasks.sort(key=task_cost, reverse=True)  # longest first: the last to finish starts first
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         runs = [pool.submit(run_task, *task, settings) for task in tasks]
         for future in as_completed(runs):
