@@ -40,10 +40,10 @@ format: install
 	$(BIN)/ruff check --fix training service tests benchmarks
 
 # Benchmarks: never run by CI; each writes or prints a table with its command and machine.
-# The UCI protocol on the five data sets, 20 splits each (38 minutes on the shared 2 cores);
+# The UCI protocol on the five data sets, 20 splits each (43 minutes on the 2 cores);
 # e.g. UCI_ARGS='--quick --methods mc_dropout' for 3 splits of MC dropout alone. The
 # calibration plot needs the `bench` extra (matplotlib), installed here.
-UCI_ARGS ?= --methods mc_dropout,ensemble
+UCI_ARGS ?= --methods mc_dropout,ensemble,credence_defaults
 bench-uci: $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/uci.py $(UCI_ARGS)
 
