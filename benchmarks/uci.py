@@ -454,8 +454,8 @@ def targets(results: dict, published: dict) -> list[str]:
             rmse_ok = rmse <= pub["rmse"][0] + pub["rmse"][1]
             ll_ok = ll >= pub["ll"][0] - pub["ll"][1]
             lines.append(
-                f"- {name}: MC dropout RMSE {rmse:.2f} vs {pub['rmse'][0]} ± {pub['rmse'][1]} "
-                f"({'holds' if rmse_ok else 'misses'}), LL {ll:.2f} vs {pub['ll'][0]} ± "
+                f"- {name}: MC dropout RMSE {rmse:.3f} vs {pub['rmse'][0]} ± {pub['rmse'][1]} "
+                f"({'holds' if rmse_ok else 'misses'}), LL {ll:.3f} vs {pub['ll'][0]} ± "
                 f"{pub['ll'][1]} ({'holds' if ll_ok else 'misses'})"
             )
     wins = []
@@ -467,7 +467,7 @@ def targets(results: dict, published: dict) -> list[str]:
         ll = methods[best]["raw.log_likelihood"][0]
         wins.append(ll > pub["ll"][0])
         lines.append(
-            f"- {name}: best Credence LL {ll:.2f} ({best}) "
+            f"- {name}: best Credence LL {ll:.3f} ({best}) "
             f"{'beats' if ll > pub['ll'][0] else 'does not beat'} published MC dropout "
             f"{pub['ll'][0]}"
         )
