@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 
@@ -130,3 +131,12 @@ def test_not_ready_without_models(tmp_path: Path) -> None:
         assert empty.get("/healthz").status_code == 200
         assert empty.get("/readyz").status_code == 503
         assert empty.get("/v1/models").json() == {"models": []}
+
+
+def test_serving_keeps_the_cycle_collector_off_the_request_path(tmp_path: Path) -> None:
+    before = gc.get_threshold()
+    with serve(make_settings(tmp_path)) as empty:
+        assert gc.get_threshold()[0] == 50_000  # a young generation a request cannot fill
+        assert gc.get_freeze_count() > 0  # startup objects are never walked again
+        assert empty.get("/healthz").status_code == 200
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
