@@ -56,7 +56,7 @@ class Job:
 class Batcher:
     """Queue, worker task and inference thread of one model version."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings, metrics: Metrics):
+    def __init__(self, loaded: LoadedModel, settings: Settings, metrics: Metrics, workers: int = 1):
         self.loaded = loaded
         self.max_rows = settings.max_batch_rows
         self.delay_s = settings.max_batch_delay_ms / 1000
@@ -66,17 +66,20 @@ class Batcher:
         self.metrics = metrics
         self._carry: Job | None = None  # took it, but it did not fit in the last batch
         self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()  # batches being computed
+        self.workers = workers
         name = f"credence-{loaded.spec.name}-v{loaded.spec.version}"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=name)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self.labels[0])
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         shutting = ApiError.single(503, "shutting_down", "the server is shutting down")
         pending = [self._carry] if self._carry else []
         while not self.queue.empty():
@@ -125,28 +128,40 @@ class Batcher:
             ) from None
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Collect a batch whenever one of the `workers` is free, and compute it there; the
+        queue fills while every worker is busy, so a loaded server makes large batches."""
+        free = asyncio.Semaphore(self.workers)
         while True:
+            await free.acquire()
             batch = [job for job in await self._collect() if not job.future.done()]
             self.metrics.queue_depth.labels(*self.labels).set(self.depth)
             if not batch:
+                free.release()
                 continue
-            try:
-                outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
-            except Exception as exc:
-                log.exception("batch of %d request(s) failed on %s", len(batch), self.labels)
-                message = (
-                    f"the model failed on the batch this request was in "
-                    f"({type(exc).__name__}: {exc}); the request itself was valid"
-                )
-                outcomes = [ApiError.single(500, "inference_failed", message) for _ in batch]
-            for job, outcome in zip(batch, outcomes, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
+            task = asyncio.get_running_loop().create_task(self._complete(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            task.add_done_callback(lambda _: free.release())
+
+    async def _complete(self, batch: list[Job]) -> None:
+        """Compute one batch on a worker thread and hand each request its outcome."""
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
+        except Exception as exc:
+            log.exception("batch of %d request(s) failed on %s", len(batch), self.labels)
+            message = (
+                f"the model failed on the batch this request was in "
+                f"({type(exc).__name__}: {exc}); the request itself was valid"
+            )
+            outcomes = [ApiError.single(500, "inference_failed", message) for _ in batch]
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
 
     async def _collect(self) -> list[Job]:
         """Wait for a first request, then take more until the row budget or the delay."""

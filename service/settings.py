@@ -44,7 +44,14 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="requests waiting per model version")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline; past it, 504")
     torch_threads: int = Field(
-        0, ge=0, description="intra-op threads; 0: 1 if every model is small, else one per core"
+        0, ge=0, description="intra-op threads; 0: 1 (a large model runs a batch per core)"
+    )
+    batch_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="batches of one model version computed at once; 0: 1 if every model "
+        "is small (or the backend is onnx), else one per core",
     )
     backend: Backend = Field("torch", description="torch, or onnx: each checkpoint's model.onnx")
     log_level: LogLevel = "info"

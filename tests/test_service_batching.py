@@ -3,9 +3,12 @@ bounded queues (503 + Retry-After) and deadlines (504)."""
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from conftest import (
     serve,
 )
 
+from service.app import serving_parallelism
 from training.summaries import summarize
 
 REG, CLF = "/v1/models/reg:predict", "/v1/models/clf:predict"
@@ -145,3 +149,51 @@ def test_request_larger_than_the_row_budget_is_served_alone(model_dir: Path) -> 
         assert [r.status_code for r in responses] == [200, 200, 200]
         assert [len(r.json()["predictions"]) for r in responses] == [10, 3, 2]
         assert model_calls(live, "reg") == 3
+
+
+def count_concurrent_calls(client: Client, model: str, seconds: float) -> list[int]:
+    """Wrap the model's sample so that each call records how many calls were running."""
+    loaded = client.app.state.registry.resolve(model)
+    real, running, seen = loaded.model.sample, [0], []
+    lock = threading.Lock()
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        with lock:
+            running[0] += 1
+            seen.append(running[0])
+        time.sleep(seconds)  # long enough for the other batch to start, if it may
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    loaded.model.sample = counted
+    return seen
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batch_workers_compute_batches_side_by_side_with_the_same_answers(
+    model_dir: Path, workers: int
+) -> None:
+    bodies = [
+        {"instances": rows(2, 3, i), "parameters": {"seed": 50 + i, "num_samples": 30}}
+        for i in range(4)
+    ]
+    with serve(make_settings(model_dir)) as reference:
+        expected = [reference.post(REG, json=body).json() for body in bodies]
+    settings = make_settings(model_dir, max_batch_rows=2, batch_workers=workers)
+    with serve(settings) as live:
+        seen = count_concurrent_calls(live, "reg", 0.2)
+        responses = live.gather(*((REG, body) for body in bodies))
+    assert [r.json() for r in responses] == expected
+    assert len(seen) == 4 and max(seen) == workers  # one request per batch (2-row budget)
+
+
+def test_large_torch_models_get_a_batch_per_core_and_small_ones_a_single_thread() -> None:
+    small = SimpleNamespace(model=torch.nn.Linear(13, 50))
+    large = SimpleNamespace(model=torch.nn.Linear(1024, 1024))
+    cores = len(os.sched_getaffinity(0))
+    assert serving_parallelism([small], "torch") == (1, 1)
+    assert serving_parallelism([small, large], "torch") == (cores, 1)
+    assert serving_parallelism([large], "onnx") == (1, 1)  # onnxruntime threads itself
