@@ -1,14 +1,17 @@
-"""Dynamic batching: one bounded queue and one worker per loaded model version.
+"""Dynamic batching: one bounded queue and one collecting task per loaded model version.
 
-The worker takes what is queued, up to `max_batch_rows` rows or until `max_batch_delay_ms`
-has passed since the first request (by default no wait: it takes what queued while the
-previous batch ran, so a lone request is not held back and a busy server still fills its
-batches), and makes ONE `model.sample` call for the batch on a thread of its own (off the
-event loop). Every row carries its request's seed, and draws depend only on the seed, so a
-seeded request gets the numbers it gets alone whatever it is batched with. Summaries are
-computed once per group of requests that share (num_samples, credible_levels); a request
-that asked for fewer samples than the batch's largest takes the first draws, which are the
-draws it would get alone.
+Whenever one of the version's batch workers is free, the task takes what is queued, up to
+`max_batch_rows` rows or until `max_batch_delay_ms` has passed since the first request (by
+default no wait: it takes what queued while the previous batch ran, so a lone request is not
+held back and a busy server still fills its batches), and the worker makes ONE
+`model.sample` call for the batch on a thread of its own (off the event loop). There is one
+worker unless the server runs a large model's batches side by side (`batch_workers`).
+
+Every row carries its request's seed, and draws depend only on the seed, so a seeded request
+gets the numbers it gets alone whatever it is batched with. Summaries are computed once per
+group of requests that share (num_samples, credible_levels); a request that asked for fewer
+samples than the batch's largest takes the first draws, which are the draws it would get
+alone.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class Job:
 
 
 class Batcher:
-    """Queue, worker task and inference thread of one model version."""
+    """Queue, collecting task and inference threads of one model version."""
 
     def __init__(self, loaded: LoadedModel, settings: Settings, metrics: Metrics, workers: int = 1):
         self.loaded = loaded
@@ -148,6 +151,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
+        except asyncio.CancelledError:  # stopping: answer now rather than at the deadline
+            shutting = ApiError.single(503, "shutting_down", "the server is shutting down")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(shutting)
+            raise
         except Exception as exc:
             log.exception("batch of %d request(s) failed on %s", len(batch), self.labels)
             message = (

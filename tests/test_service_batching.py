@@ -3,6 +3,7 @@ bounded queues (503 + Retry-After) and deadlines (504)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -22,6 +23,10 @@ from conftest import (
 )
 
 from service.app import serving_parallelism
+from service.batcher import Batcher
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.registry import Registry
 from training.summaries import summarize
 
 REG, CLF = "/v1/models/reg:predict", "/v1/models/clf:predict"
@@ -197,3 +202,35 @@ def test_large_torch_models_get_a_batch_per_core_and_small_ones_a_single_thread(
     assert serving_parallelism([small], "torch") == (1, 1)
     assert serving_parallelism([small, large], "torch") == (cores, 1)
     assert serving_parallelism([large], "onnx") == (1, 1)  # onnxruntime threads itself
+
+
+def test_stopping_answers_a_batch_in_flight_and_the_queue_with_503(model_dir: Path) -> None:
+    settings = make_settings(model_dir, max_batch_rows=1)
+    loaded = Registry.load(model_dir, torch.device("cpu"), settings).resolve("reg")
+    real = loaded.model.sample
+
+    def slow(*args: object, **kwargs: object) -> torch.Tensor:
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    loaded.model.sample = slow
+
+    async def scenario() -> list[BaseException | bytes]:
+        batcher = Batcher(loaded, settings, Metrics())
+        batcher.start()
+        deadline = asyncio.get_running_loop().time() + 30
+        x = torch.zeros(1, 3)
+        requests = [  # the first is computed; the second waits in the queue (1-row batches)
+            asyncio.create_task(batcher.submit(x, 10, (0.9,), seed, lambda _: b"", deadline))
+            for seed in (1, 2)
+        ]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await batcher.stop()
+        outcomes = await asyncio.gather(*requests, return_exceptions=True)
+        assert time.monotonic() - started < 5  # answered at once, not at the 30 s deadline
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, ApiError) and o.status == 503 for o in outcomes), outcomes
+    assert {o.problems[0].code for o in outcomes} == {"shutting_down"}
