@@ -866,8 +866,8 @@ warm-up; latency is per request, client-side. Servers run one at a time on 127.0
 in its own process, with a checkpoint dir holding only that workload's model:
 
 - **credence**: `credence-serve --model-dir DIR --port P --log-level warning` (defaults
-  otherwise: dynamic batching; one torch thread for the small model, one per core for
-  the large one).
+  otherwise: dynamic batching; one batch at a time on one torch thread for the small
+  model, one batch per core on one thread each for the large one).
 - **ceiling**: bare FastAPI + uvicorn (uvloop, httptools, access log off) on the same
   route; parses the JSON body and returns a body captured from Credence for that workload.
   No model: the most a FastAPI route can do on this machine. (Credence's predict routes

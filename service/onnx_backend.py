@@ -33,7 +33,8 @@ def load_onnx(checkpoint: Checkpoint, threads: int = 0) -> OnnxSampler:
     """The sampler of a verified checkpoint's model.onnx; CheckpointError says how to export.
 
     `threads` 0 means one intra-op thread for a small model (training.fit.is_small), else
-    onnxruntime's default of one per core, as the torch backend chooses."""
+    onnxruntime's default of one per core; this backend computes one batch at a time
+    (service.app.serving_parallelism)."""
     if ONNX not in checkpoint.files:
         name, version = checkpoint.manifest.get("name"), checkpoint.manifest.get("version")
         method = checkpoint.manifest.get("method")
@@ -48,7 +49,7 @@ def load_onnx(checkpoint: Checkpoint, threads: int = 0) -> OnnxSampler:
             f"model {name!r} version {version} has no {ONNX} in its manifest, and "
             f"CREDENCE_BACKEND=onnx needs one: {how}"
         )
-    if threads == 0:  # the torch backend's rule: one thread for a small model, else a core each
+    if threads == 0:  # one thread for a small model, else a core each
         threads = 1 if is_small(checkpoint.build("cpu")) else 0
     try:
         return OnnxSampler(checkpoint.files[ONNX], checkpoint.manifest["task"], threads)
