@@ -1,4 +1,4 @@
-"""What machine a benchmark ran on, for the tables it writes."""
+"""What machine a benchmark ran on, and the provenance its written report ends with."""
 
 from __future__ import annotations
 
@@ -31,3 +31,31 @@ def machine_record() -> dict[str, str | int | None]:
         "torch": torch.__version__,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def write_report(
+    out: Path,
+    text: str,
+    *,
+    table: str,
+    command: str,
+    machine: str,
+    advice: str,
+    seconds: float | None = None,
+) -> None:
+    """Write `text` (heading, prose and table) to `out`, ending in the command that made it
+    (and its run time), the machine and the date, and print the table.
+
+    `advice` ends the sentence on how much timings on a shared machine vary."""
+    took = f" ({seconds:.0f} s)" if seconds is not None else ""
+    report = (
+        f"{text}"
+        f"Command: `{command.strip()}`{took}  \n"
+        f"Machine: {machine}  \n"
+        f"Date: {datetime.now(UTC).date().isoformat()}. Timings on a shared machine vary by "
+        f"tens of percent between runs; {advice}\n"
+    )
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"\nwrote {out}")

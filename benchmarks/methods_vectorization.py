@@ -19,11 +19,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from machine import cpu_model
+from machine import cpu_model, write_report
 
 from training.model import PosteriorModel, build_model
 from training.posteriors.laplace_fit import fit_last_layer
@@ -126,7 +125,7 @@ def main() -> None:
     results = {method: measure(method, args.rows, args.repeats) for method in METHODS}
     body = table(results, args.rows)
     command = "python benchmarks/methods_vectorization.py " + " ".join(sys.argv[1:])
-    report = (
+    heading_and_body = (
         "# Vectorized sampling per posterior method\n\n"
         f"Median wall time of `model.sample(x, n, seeds)` for {args.rows} rows of "
         f"{IN_FEATURES} features through an MLP with hidden layers {HIDDEN} (Gaussian head): "
@@ -135,15 +134,15 @@ def main() -> None:
         "rows come from 8 requests with different seeds (weights drawn per seed). Ensembles "
         f"and SG-MCMC sample sets hold {DRAWS} members here so that n={DRAWS} is allowed.\n\n"
         f"{body}\n\n"
-        f"Command: `{command.strip()}`  \n"
-        f"Machine: {machine()}  \n"
-        f"Date: {datetime.now(UTC).date().isoformat()}. Timings on a shared machine vary by "
-        "tens of percent between runs; the ratios are what matter.\n"
     )
-    print(body)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(f"\nwrote {args.out}")
+    write_report(
+        args.out,
+        heading_and_body,
+        table=body,
+        command=command,
+        machine=machine(),
+        advice="the ratios are what matter.",
+    )
 
 
 if __name__ == "__main__":

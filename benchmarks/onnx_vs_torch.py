@@ -25,14 +25,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from machine import cpu_model
+from machine import cpu_model, write_report
 
 from training.model import PosteriorModel, build_model
 from training.onnx_export import build_graph, run_draws, session
@@ -163,7 +162,7 @@ def main() -> None:
     started = time.perf_counter()
     body = table(measure(args.budget_s))
     command = "python benchmarks/onnx_vs_torch.py " + " ".join(sys.argv[1:])
-    report = (
+    heading_and_body = (
         "# ONNX Runtime against PyTorch: posterior draws per call\n\n"
         "Median wall time (torch and onnx calls alternated) of one call that returns every "
         "draw [n, B, out] of an MC-dropout "
@@ -178,15 +177,16 @@ def main() -> None:
         "PyTorch's OpenMP threads wait for cores that other processes hold, and its times "
         "swing by an order of magnitude between rows and runs; onnxruntime's idle threads "
         "sleep (`training.onnx_export.session`).\n\n"
-        f"Command: `{command.strip()}` ({time.perf_counter() - started:.0f} s)  \n"
-        f"Machine: {machine()}  \n"
-        f"Date: {datetime.now(UTC).date().isoformat()}. Timings on a shared machine vary by "
-        "tens of percent between runs; compare the two columns of one row.\n"
     )
-    print(body)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(f"\nwrote {args.out}")
+    write_report(
+        args.out,
+        heading_and_body,
+        table=body,
+        command=command,
+        machine=machine(),
+        advice="compare the two columns of one row.",
+        seconds=time.perf_counter() - started,
+    )
 
 
 if __name__ == "__main__":
