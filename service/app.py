@@ -23,12 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
-from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from service import protocol
 from service.batcher import Batcher
 from service.errors import ApiError, Problem, error_body
+from service.gateway import Gateway, read_body, send_error, send_json
 from service.metrics import Metrics
 from service.registry import FailedModel, LoadedModel, ModelEntry, Registry
 from service.settings import Settings, resolve_device
@@ -52,34 +52,6 @@ def json_response(payload: bytes, status: int = 200, headers: dict | None = None
 
 def error_response(error: ApiError) -> Response:
     return json_response(error.body(), error.status, dict(error.headers))
-
-
-class CatchAll:
-    """Outermost guard: an unexpected exception becomes a JSON 500 (and a logged traceback)
-    instead of Starlette's plain-text page."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def watch(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        except Exception as exc:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                raise
-            problem = Problem("internal_error", f"internal server error ({type(exc).__name__})")
-            await error_response(ApiError(500, [problem]))(scope, receive, send)
 
 
 def model_summary(entry: ModelEntry) -> dict:
@@ -201,7 +173,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Credence", version="0.1.0", lifespan=lifespan, **NO_OTEL)
     app.state.settings, app.state.metrics = settings, metrics
-    app.add_middleware(CatchAll)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -248,49 +219,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/models/{name}")
     async def get_model(request: Request, name: str) -> Response:
-        if name.endswith(":predict"):
-            message = f"GET {request.url.path}: predictions take POST"
-            raise ApiError.single(405, "method_not_allowed", message, ("path",))
         entry = request.app.state.registry.entry(name)
         return json_response(orjson.dumps(model_detail(entry)))
 
-    async def predict(request: Request) -> Response:
-        params = request.path_params
-        return await _predict(request, params["name"], params.get("version"))
-
-    # The hot routes are plain Starlette routes, first in the table: FastAPI's per-request
-    # dependency solving and parameter validation were a fifth of the event loop's time
-    # under load, for a handler that parses its own body. (They are documented in the
-    # README's API section rather than in the OpenAPI schema.)
-    app.router.routes[:0] = [
-        Route("/v1/models/{name}:predict", predict, methods=["POST"]),
-        Route("/v1/models/{name}/versions/{version}:predict", predict, methods=["POST"]),
-    ]
-
-    async def _predict(request: Request, name: str, version: str | None) -> Response:
+    async def predict(
+        name: str, version: str | None, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """POST /v1/models/{name}[/versions/{version}]:predict, as plain ASGI (service.gateway)."""
         start = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         labels, status = ["", ""], 500
         try:
-            registry: Registry = request.app.state.registry
+            registry: Registry = app.state.registry
             labels[0] = name if name in registry.entries else "(unknown)"
             loaded = registry.resolve(name, version)
             labels[1] = str(loaded.spec.version)
             spec = loaded.spec
-            req = protocol.parse_predict(await request.body(), spec, settings.max_instances)
+            body = await read_body(receive)
+            if body is None:  # the client is gone: nothing to answer
+                status = 499
+                return
+            req = protocol.parse_predict(body, spec, settings.max_instances)
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             render = partial(protocol.render, spec, req.num_samples, seed)
-            batcher: Batcher = request.app.state.batchers[loaded.key]
+            batcher: Batcher = app.state.batchers[loaded.key]
             payload = await batcher.submit(
                 req.x, req.num_samples, req.levels, seed, render, deadline
             )
             status = 200
-            return json_response(payload)
+            await send_json(send, 200, payload)
         except ApiError as exc:
             status = exc.status
-            raise
+            await send_error(send, exc)
         finally:
-            metrics.requests.labels(*labels, str(status)).inc()
-            metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+            metrics.observe_request(*labels, status, time.perf_counter() - start)
 
+    app.add_middleware(Gateway, predict=predict)
     return app

@@ -66,7 +66,12 @@ class Batcher:
         self.timeout_s = settings.request_timeout_s
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.max_queue)
         self.labels = (loaded.spec.name, str(loaded.spec.version))
-        self.metrics = metrics
+        # labelled once: labels() takes a lock and validates on every call
+        self.depth_gauge = metrics.queue_depth.labels(*self.labels)
+        self.batch_rows = metrics.batch_rows.labels(*self.labels)
+        self.batch_requests = metrics.batch_requests.labels(*self.labels)
+        self.inference_seconds = metrics.inference.labels(*self.labels)
+        self.uncertainty = metrics.uncertainty.labels(*self.labels)
         self._carry: Job | None = None  # took it, but it did not fit in the last batch
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()  # batches being computed
@@ -118,7 +123,7 @@ class Batcher:
                 f"({self.queue.maxsize} requests); retry after {RETRY_AFTER_S} s",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
-        self.metrics.queue_depth.labels(*self.labels).set(self.depth)
+        self.depth_gauge.set(self.depth)
         try:
             # on timeout (or client disconnect) the future is cancelled; the worker skips it
             async with asyncio.timeout_at(deadline):  # no helper task, unlike wait_for
@@ -137,7 +142,7 @@ class Batcher:
         while True:
             await free.acquire()
             batch = [job for job in await self._collect() if not job.future.done()]
-            self.metrics.queue_depth.labels(*self.labels).set(self.depth)
+            self.depth_gauge.set(self.depth)
             if not batch:
                 free.release()
                 continue
@@ -228,9 +233,9 @@ class Batcher:
                     outcomes[i] = ApiError.single(
                         500, "render_failed", f"{type(exc).__name__}: {exc}"
                     )
-        self.metrics.batch_rows.labels(*self.labels).observe(offsets[-1])
-        self.metrics.batch_requests.labels(*self.labels).observe(len(batch))
-        self.metrics.inference.labels(*self.labels).observe(time.perf_counter() - start)
+        self.batch_rows.observe(offsets[-1])
+        self.batch_requests.observe(len(batch))
+        self.inference_seconds.observe(time.perf_counter() - start)
         return outcomes
 
     def _observe_uncertainty(self, summary: Summary) -> None:
@@ -238,6 +243,5 @@ class Batcher:
             values = summary["epistemic_variance"].clamp_min(0).sqrt()
         else:
             values = summary["mutual_information"]
-        histogram = self.metrics.uncertainty.labels(*self.labels)
         for value in values.flatten().tolist():
-            histogram.observe(value)
+            self.uncertainty.observe(value)

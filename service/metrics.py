@@ -79,12 +79,25 @@ class Metrics:
             buckets=UNCERTAINTY_BUCKETS,
             registry=r,
         )
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.model_versions = Gauge(
             "credence_model_versions",
             "Model versions found, by load state.",
             ["state"],
             registry=r,
         )
+
+    def observe_request(self, model: str, version: str, code: int, seconds: float) -> None:
+        """Count one predict request and its latency (code 499: the client left first)."""
+        children = self._request_children.get((model, version, code))
+        if children is None:  # labels() locks and validates: once per label set, not per call
+            children = (
+                self.requests.labels(model, version, str(code)),
+                self.latency.labels(model, version),
+            )
+            self._request_children[model, version, code] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

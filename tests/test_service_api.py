@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+from functools import partial
 from pathlib import Path
 
 from conftest import CLASSES, FEATURES, Client, make_settings, metric_value, serve
@@ -124,6 +125,33 @@ def test_routing_errors_are_json(client: Client) -> None:
         assert response.status_code == status, (url, response.text)
         assert response.headers["content-type"] == "application/json"
         assert response.json()["error"]["message"]
+
+
+def test_predict_paths_take_only_post(client: Client) -> None:
+    for method in ("get", "put", "delete"):
+        for url in ("/v1/models/reg:predict", "/v1/models/reg/versions/1:predict"):
+            response = client.portal.call(partial(client.client.request, method, url))
+            assert response.status_code == 405, (method, url)
+            assert response.headers["allow"] == "POST"
+            assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_client_that_leaves_before_its_body_gets_nothing_and_is_counted(
+    client: Client,
+) -> None:
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/reg:predict", "headers": []}
+    client.portal.call(client.app, scope, receive, send)
+    assert sent == []  # nothing to answer, and nothing queued
+    text = client.get("/metrics").text
+    assert metric_value(text, "credence_requests_total", model="reg", version="1", code="499") == 1
 
 
 def test_not_ready_without_models(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ is the serving hot path (dropout masks for every draw of every request).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -27,6 +29,32 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = (x * _M2) & _MASK32
     return x ^ (x >> 15)
+
+
+def _mix32_int(x: int) -> int:
+    """`mix32` of one Python integer: constants are mixed once here, not as tensor ops."""
+    x ^= x >> 16
+    x = (x * _M1) & _MASK32
+    x ^= x >> 15
+    x = (x * _M2) & _MASK32
+    return x ^ (x >> 15)
+
+
+@functools.lru_cache(maxsize=256)
+def _mixed_counters(size: int, device: torch.device) -> torch.Tensor:
+    """mix32(i + golden) for i in 0..size-1 (int64): what `combine` folds in for counter i,
+    the same in every call, so it is computed once per size and device. Callers never write
+    to it."""
+    with torch.inference_mode(False):  # usable inside and outside inference mode
+        counters = torch.arange(size, dtype=torch.int64, device=device)
+        return mix32((counters + _GOLDEN) & _MASK32)
+
+
+@functools.lru_cache(maxsize=256)
+def _salt32(size: int, device: torch.device) -> torch.Tensor:
+    """`_mixed_counters` as int32 bit patterns."""
+    with torch.inference_mode(False):
+        return _as_int32(_mixed_counters(size, device))
 
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
@@ -54,15 +82,15 @@ def combine(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
     `value` is mixed before it is broadcast against `key`, so a small counter vector costs
     one mix per element of the result, not two.
     """
+    if isinstance(value, int):
+        return mix32(key ^ _mix32_int((value + _GOLDEN) & _MASK32))
     value = torch.as_tensor(value, dtype=torch.int64, device=key.device)
     return mix32(key ^ mix32((value + _GOLDEN) & _MASK32))
 
 
 def _bits32(keys: torch.Tensor, size: int) -> torch.Tensor:
     """`bits` as int32 bit patterns, without the int64 round trip."""
-    counters = torch.arange(size, dtype=torch.int64, device=keys.device)
-    salt = _as_int32(mix32((counters + _GOLDEN) & _MASK32))
-    return _mix32_(_as_int32(keys).unsqueeze(-1) ^ salt)
+    return _mix32_(_as_int32(keys).unsqueeze(-1) ^ _salt32(size, keys.device))
 
 
 def bits(keys: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,9 +130,9 @@ def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
 
 def draw_keys(seeds: torch.Tensor, n: int, stream: int) -> torch.Tensor:
     """Keys [n, *seeds.shape] for draws 0..n-1 of each seed within a named stream."""
-    draws = torch.arange(n, dtype=torch.int64, device=seeds.device)
     per_seed = combine(seed_keys(seeds), stream)
-    return combine(per_seed.unsqueeze(0), draws.view(-1, *([1] * seeds.dim())))
+    draws = _mixed_counters(n, seeds.device).view(-1, *([1] * seeds.dim()))
+    return mix32(per_seed.unsqueeze(0) ^ draws)  # combine(per_seed, draw index)
 
 
 def uniform(keys: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""The outermost layer of the app: predict requests straight to their handler, JSON for
+every error.
+
+Predict requests skip FastAPI's routing, dependency solving and per-route exception
+wrapping: at concurrency 32 on the small model that stack was about 90 µs of the event
+loop's time per request (a bare FastAPI app that only parses the body tops out near 8,000
+requests/s on 2 cores; the same handler as plain ASGI passes 30,000). Every other route
+goes through FastAPI as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, Problem
+
+log = logging.getLogger("credence.app")
+
+# {name} and {version} match one path segment each, like Starlette's default convertor.
+PREDICT_PATH = re.compile(r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:predict")
+JSON_HEADER = (b"content-type", b"application/json")
+
+# (name, version or None, scope, receive, send)
+PredictHandler = Callable[[str, str | None, Scope, Receive, Send], Awaitable[None]]
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when the client disconnected first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> None:
+    raw = [JSON_HEADER, (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, error: ApiError) -> None:
+    await send_json(send, error.status, error.body(), error.headers)
+
+
+class Gateway:
+    """Dispatch predict paths to `predict`, everything else to the FastAPI app, and turn an
+    unexpected exception into a JSON 500 (and a logged traceback) instead of Starlette's
+    plain-text page."""
+
+    def __init__(self, app: ASGIApp, predict: PredictHandler):
+        self.app = app
+        self.predict = predict
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            match = PREDICT_PATH.fullmatch(scope["path"])
+            if match is None:
+                await self.app(scope, receive, watch)
+            elif scope["method"] != "POST":
+                message = f"{scope['method']} {scope['path']}: predictions take POST"
+                error = ApiError.single(
+                    405, "method_not_allowed", message, ("path",), headers={"Allow": "POST"}
+                )
+                await send_error(watch, error)
+            else:
+                await self.predict(match["name"], match["version"], scope, receive, watch)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            problem = Problem("internal_error", f"internal server error ({type(exc).__name__})")
+            await send_error(send, ApiError(500, [problem]))
