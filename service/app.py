@@ -104,21 +104,26 @@ def model_detail(entry: ModelEntry) -> dict:
     return detail
 
 
-def serving_parallelism(models: list[LoadedModel], backend: str) -> tuple[int, int]:
-    """(batches computed at once per model version, intra-op threads) when not configured.
+def batch_workers(model: LoadedModel, settings: Settings) -> int:
+    """Threads that compute a model version's batches: `settings.batch_workers`, or if auto:
 
-    A small model's batch is a few milliseconds of small ops: one batch at a time on one
-    thread (at concurrency 32 on 2 cores, torch's default of 2 threads served 8x fewer
-    requests per second, and two batch workers 44% fewer: they fight for the GIL). A large
-    torch model runs one batch per core, each on one thread: two OpenMP threads per batch
-    wait at every GEMM barrier for the one the event loop and the clients keep off its core
+    A small torch model's batch is a millisecond or two of small ops that each take the
+    GIL: it is computed on the event loop's own thread (0), since handing it to a thread
+    made the two fight for the GIL at every op (small model at concurrency 32 on 2 cores:
+    4,579 requests/s on the loop against 2,876 on one worker thread, and two worker threads
+    did worse still). A large torch model runs one batch per core, each on one thread: it
+    spends its time in matmuls that release the GIL, and two OpenMP threads per batch wait
+    at every GEMM barrier for the one the event loop and the clients keep off its core
     (784-1024-1024-10 at concurrency 32: +24% requests/s). onnxruntime picks its own
-    threads per model (service.onnx_backend), so its batches run one at a time.
+    threads per model (service.onnx_backend), so its batches run one at a time, off the loop.
     """
-    modules = [m.model for m in models if isinstance(m.model, torch.nn.Module)]
-    if backend == "onnx" or all(is_small(module) for module in modules):
-        return 1, 1
-    return len(os.sched_getaffinity(0)), 1
+    if settings.batch_workers != "auto":
+        return settings.batch_workers
+    if settings.backend == "onnx":
+        return 1
+    if isinstance(model.model, torch.nn.Module) and is_small(model.model):
+        return 0
+    return len(os.sched_getaffinity(0))
 
 
 def quiet_garbage_collector() -> None:
@@ -146,10 +151,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         device = resolve_device(settings.device)
         log.info("device %s; loading models from %s", device, settings.model_dir.resolve())
         registry = await asyncio.to_thread(Registry.load, settings.model_dir, device, settings)
-        workers, threads = serving_parallelism(registry.loaded(), settings.backend)
-        torch.set_num_threads(settings.torch_threads or threads)
-        workers = settings.batch_workers or workers
-        batchers = {m.key: Batcher(m, settings, metrics, workers) for m in registry.loaded()}
+        torch.set_num_threads(settings.torch_threads or 1)  # the workers are the parallelism
+        batchers = {
+            m.key: Batcher(m, settings, metrics, batch_workers(m, settings))
+            for m in registry.loaded()
+        }
         for batcher in batchers.values():
             batcher.start()
         metrics.model_versions.labels("loaded").set(len(registry.loaded()))

@@ -4,8 +4,8 @@ Whenever one of the version's batch workers is free, the task takes what is queu
 `max_batch_rows` rows or until `max_batch_delay_ms` has passed since the first request (by
 default no wait: it takes what queued while the previous batch ran, so a lone request is not
 held back and a busy server still fills its batches), and the worker makes ONE
-`model.sample` call for the batch on a thread of its own (off the event loop). There is one
-worker unless the server runs a large model's batches side by side (`batch_workers`).
+`model.sample` call for the batch on a thread of its own. With no workers (`batch_workers`
+0, a small model's default) batches are computed one at a time on the event loop's thread.
 
 Every row carries its request's seed, and draws depend only on the seed, so a seeded request
 gets the numbers it gets alone whatever it is batched with. Summaries are computed once per
@@ -75,9 +75,11 @@ class Batcher:
         self._carry: Job | None = None  # took it, but it did not fit in the last batch
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()  # batches being computed
-        self.workers = workers
+        self.workers = workers  # 0: on the event loop's thread
         name = f"credence-{loaded.spec.name}-v{loaded.spec.version}"
-        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=name)
+        self._executor = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers else None
+        )
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self.labels[0])
@@ -95,7 +97,8 @@ class Batcher:
         for job in pending:
             if not job.future.done():
                 job.future.set_exception(shutting)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def depth(self) -> int:
@@ -127,18 +130,23 @@ class Batcher:
         try:
             # on timeout (or client disconnect) the future is cancelled; the worker skips it
             async with asyncio.timeout_at(deadline):  # no helper task, unlike wait_for
-                return await job.future
+                payload = await job.future
+            # a batch computed on the loop cannot be interrupted: a late answer is refused too
+            if loop.time() <= deadline:
+                return payload
         except TimeoutError:
-            raise ApiError.single(
-                504,
-                "deadline_exceeded",
-                f"no prediction within the request deadline of {self.timeout_s:g} s",
-            ) from None
+            pass
+        raise ApiError.single(
+            504,
+            "deadline_exceeded",
+            f"no prediction within the request deadline of {self.timeout_s:g} s",
+        )
 
     async def _run(self) -> None:
         """Collect a batch whenever one of the `workers` is free, and compute it there; the
-        queue fills while every worker is busy, so a loaded server makes large batches."""
-        free = asyncio.Semaphore(self.workers)
+        queue fills while every worker is busy (or, with none, while the loop computes and
+        the requests wait in the sockets), so a loaded server makes large batches."""
+        free = asyncio.Semaphore(max(self.workers, 1))
         while True:
             await free.acquire()
             batch = [job for job in await self._collect() if not job.future.done()]
@@ -152,10 +160,13 @@ class Batcher:
             task.add_done_callback(lambda _: free.release())
 
     async def _complete(self, batch: list[Job]) -> None:
-        """Compute one batch on a worker thread and hand each request its outcome."""
+        """Compute one batch (on a worker thread, if any) and hand each request its outcome."""
         loop = asyncio.get_running_loop()
         try:
-            outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
+            if self._executor is None:
+                outcomes = self._infer(batch)
+            else:
+                outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
         except asyncio.CancelledError:  # stopping: answer now rather than at the deadline
             shutting = ApiError.single(503, "shutting_down", "the server is shutting down")
             for job in batch:

@@ -34,7 +34,7 @@ def load_onnx(checkpoint: Checkpoint, threads: int = 0) -> OnnxSampler:
 
     `threads` 0 means one intra-op thread for a small model (training.fit.is_small), else
     onnxruntime's default of one per core; this backend computes one batch at a time
-    (service.app.serving_parallelism)."""
+    (service.app.batch_workers)."""
     if ONNX not in checkpoint.files:
         name, version = checkpoint.manifest.get("name"), checkpoint.manifest.get("version")
         method = checkpoint.manifest.get("method")

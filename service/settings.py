@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -46,12 +46,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="intra-op threads; 0: 1 (a large model runs a batch per core)"
     )
-    batch_workers: int = Field(
-        0,
-        ge=0,
-        le=64,
-        description="batches of one model version computed at once; 0: 1 if every model "
-        "is small (or the backend is onnx), else one per core",
+    batch_workers: Literal["auto"] | Annotated[int, Field(ge=0, le=64)] = Field(
+        "auto",
+        description="threads computing one model version's batches, one batch each; 0: on "
+        "the event loop; auto: 0 for a small torch model, one per core for a large one, "
+        "1 for onnx",
     )
     backend: Backend = Field("torch", description="torch, or onnx: each checkpoint's model.onnx")
     log_level: LogLevel = "info"

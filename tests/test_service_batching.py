@@ -22,7 +22,7 @@ from conftest import (
     serve,
 )
 
-from service.app import serving_parallelism
+from service.app import batch_workers
 from service.batcher import Batcher
 from service.errors import ApiError
 from service.metrics import Metrics
@@ -177,7 +177,7 @@ def count_concurrent_calls(client: Client, model: str, seconds: float) -> list[i
     return seen
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 def test_batch_workers_compute_batches_side_by_side_with_the_same_answers(
     model_dir: Path, workers: int
 ) -> None:
@@ -192,16 +192,21 @@ def test_batch_workers_compute_batches_side_by_side_with_the_same_answers(
         seen = count_concurrent_calls(live, "reg", 0.2)
         responses = live.gather(*((REG, body) for body in bodies))
     assert [r.json() for r in responses] == expected
-    assert len(seen) == 4 and max(seen) == workers  # one request per batch (2-row budget)
+    assert len(seen) == 4 and max(seen) == max(workers, 1)  # one request per batch (2 rows)
 
 
-def test_large_torch_models_get_a_batch_per_core_and_small_ones_a_single_thread() -> None:
+def test_large_torch_models_get_a_batch_per_core_and_small_ones_the_event_loop(
+    tmp_path: Path,
+) -> None:
     small = SimpleNamespace(model=torch.nn.Linear(13, 50))
     large = SimpleNamespace(model=torch.nn.Linear(1024, 1024))
     cores = len(os.sched_getaffinity(0))
-    assert serving_parallelism([small], "torch") == (1, 1)
-    assert serving_parallelism([small, large], "torch") == (cores, 1)
-    assert serving_parallelism([large], "onnx") == (1, 1)  # onnxruntime threads itself
+    auto, onnx = make_settings(tmp_path), make_settings(tmp_path, backend="onnx")
+    assert batch_workers(small, auto) == 0
+    assert batch_workers(large, auto) == cores
+    assert batch_workers(large, onnx) == 1  # onnxruntime threads itself
+    assert batch_workers(large, make_settings(tmp_path, batch_workers=0)) == 0
+    assert batch_workers(small, make_settings(tmp_path, batch_workers="3")) == 3
 
 
 def test_stopping_answers_a_batch_in_flight_and_the_queue_with_503(model_dir: Path) -> None:
