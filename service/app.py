@@ -23,12 +23,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import protocol
 from service.batcher import Batcher
 from service.errors import ApiError, Problem, error_body
-from service.gateway import Gateway, read_body, send_error, send_json
+from service.gateway import (
+    Gateway,
+    PredictHandler,
+    internal_error,
+    read_body,
+    send_error,
+    send_json,
+)
 from service.metrics import Metrics
 from service.registry import FailedModel, LoadedModel, ModelEntry, Registry
 from service.settings import Settings, resolve_device
@@ -144,6 +151,15 @@ def quiet_garbage_collector() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
+class App(FastAPI):
+    """FastAPI with the Gateway in front of its middleware stack (service.gateway)."""
+
+    predict: PredictHandler
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return Gateway(super().build_middleware_stack(), self.predict)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own metrics; models load when its lifespan starts."""
     settings = settings or Settings()
@@ -180,8 +196,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.set_threshold(*collector_thresholds)
             await asyncio.gather(*(b.stop() for b in batchers.values()))
 
-    app = FastAPI(title="Credence", version="0.1.0", lifespan=lifespan, **NO_OTEL)
+    app = App(title="Credence", version="0.1.0", lifespan=lifespan, **NO_OTEL)
     app.state.settings, app.state.metrics = settings, metrics
+
+    @app.exception_handler(Exception)  # a JSON 500, not Starlette's plain-text page
+    async def _internal_error(request: Request, exc: Exception) -> Response:
+        return error_response(internal_error(exc))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -263,5 +283,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             metrics.observe_request(*labels, status, time.perf_counter() - start)
 
-    app.add_middleware(Gateway, predict=predict)
+    app.predict = predict
     return app

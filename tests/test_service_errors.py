@@ -202,3 +202,16 @@ def test_unexpected_exception_is_a_json_500(
     assert response.status_code == 500
     assert error_of(response)["code"] == "internal_error"
     assert metric_value(text, "credence_requests_total", model="reg", version="1", code="500") == 1
+
+
+def test_unexpected_exception_on_another_route_is_a_json_500(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a bug")
+
+    with serve(make_settings(model_dir)) as live:
+        monkeypatch.setattr("service.app.model_detail", broken)
+        response = live.get("/v1/models/reg")
+    assert response.status_code == 500
+    assert error_of(response)["code"] == "internal_error"
