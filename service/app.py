@@ -256,7 +256,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> None:
         """POST /v1/models/{name}[/versions/{version}]:predict, as plain ASGI (service.gateway)."""
         start = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         labels, status = ["", ""], 500
         try:
             registry: Registry = app.state.registry
@@ -272,9 +271,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             seed = req.seed if req.seed is not None else UNSEEDED.getrandbits(63)
             render = partial(protocol.render, spec, req.num_samples, seed)
             batcher: Batcher = app.state.batchers[loaded.key]
-            payload = await batcher.submit(
-                req.x, req.num_samples, req.levels, seed, render, deadline
-            )
+            payload = await batcher.submit(req.x, req.num_samples, req.levels, seed, render)
             status = 200
             await send_json(send, 200, payload)
         except ApiError as exc:

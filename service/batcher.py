@@ -17,6 +17,7 @@ alone.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -37,6 +38,7 @@ from training.summaries import Summary
 log = logging.getLogger("credence.batcher")
 
 RETRY_AFTER_S = 1
+EXPIRY_TICK_S = 0.05
 Render = Callable[[list[dict]], bytes]  # the request's rows of `protocol.predictions`
 
 
@@ -49,6 +51,7 @@ class Job:
     levels: tuple[float, ...]
     seed: int
     render: Render
+    deadline: float  # event-loop time
     future: asyncio.Future = field(repr=False)
 
     @property
@@ -71,9 +74,14 @@ class Batcher:
         self.batch_rows = metrics.batch_rows.labels(*self.labels)
         self.batch_requests = metrics.batch_requests.labels(*self.labels)
         self.inference_seconds = metrics.inference.labels(*self.labels)
-        self.uncertainty = metrics.uncertainty.labels(*self.labels)
+        self.uncertainty = metrics.uncertainty
         self._carry: Job | None = None  # took it, but it did not fit in the last batch
         self._task: asyncio.Task | None = None
+        self._expiry: asyncio.Task | None = None
+        # Every request gets the same timeout from when it is queued, so queue order is
+        # deadline order: the expiry task fails what is overdue from the front (no timer
+        # per request).
+        self._by_deadline: collections.deque[Job] = collections.deque()
         self._running: set[asyncio.Task] = set()  # batches being computed
         self.workers = workers  # 0: on the event loop's thread
         name = f"credence-{loaded.spec.name}-v{loaded.spec.version}"
@@ -82,10 +90,12 @@ class Batcher:
         )
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.labels[0])
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=self.labels[0])
+        self._expiry = loop.create_task(self._expire(), name=f"{self.labels[0]} deadlines")
 
     async def stop(self) -> None:
-        for task in [self._task, *self._running]:
+        for task in [self._task, self._expiry, *self._running]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -111,11 +121,11 @@ class Batcher:
         levels: tuple[float, ...],
         seed: int,
         render: Render,
-        deadline: float,
     ) -> bytes:
-        """Queue one request and wait for its rendered response until `deadline` (loop time)."""
+        """Queue one request and wait for its rendered response, `request_timeout_s` at most."""
         loop = asyncio.get_running_loop()
-        job = Job(x, num_samples, levels, seed, render, loop.create_future())
+        deadline = loop.time() + self.timeout_s
+        job = Job(x, num_samples, levels, seed, render, deadline, loop.create_future())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -126,21 +136,35 @@ class Batcher:
                 f"({self.queue.maxsize} requests); retry after {RETRY_AFTER_S} s",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
+        self._by_deadline.append(job)
         self.depth_gauge.set(self.depth)
-        try:
-            # on timeout (or client disconnect) the future is cancelled; the worker skips it
-            async with asyncio.timeout_at(deadline):  # no helper task, unlike wait_for
-                payload = await job.future
-            # a batch computed on the loop cannot be interrupted: a late answer is refused too
-            if loop.time() <= deadline:
-                return payload
-        except TimeoutError:
-            pass
-        raise ApiError.single(
+        # _expire fails the future at the deadline (a client that disconnects cancels it,
+        # and the batch skips it); a batch computed on the loop cannot be interrupted, so an
+        # answer that comes after the deadline is refused the same way
+        payload = await job.future
+        if loop.time() > deadline:
+            raise self._deadline_exceeded()
+        return payload
+
+    def _deadline_exceeded(self) -> ApiError:
+        return ApiError.single(
             504,
             "deadline_exceeded",
             f"no prediction within the request deadline of {self.timeout_s:g} s",
         )
+
+    async def _expire(self) -> None:
+        """Answer requests past their deadline with 504, and forget answered ones, a few
+        times per deadline (at least every 50 ms)."""
+        loop = asyncio.get_running_loop()
+        waiting = self._by_deadline
+        while True:
+            await asyncio.sleep(min(EXPIRY_TICK_S, self.timeout_s / 4))
+            now = loop.time()
+            while waiting and (waiting[0].future.done() or waiting[0].deadline <= now):
+                job = waiting.popleft()
+                if not job.future.done():
+                    job.future.set_exception(self._deadline_exceeded())
 
     async def _run(self) -> None:
         """Collect a batch whenever one of the `workers` is free, and compute it there; the
@@ -262,5 +286,4 @@ class Batcher:
             values = summary["epistemic_variance"].clamp_min(0).sqrt()
         else:
             values = summary["mutual_information"]
-        for value in values.flatten().tolist():
-            self.uncertainty.observe(value)
+        self.uncertainty.observe(self.labels, values.flatten().numpy())

@@ -8,6 +8,10 @@ classification), which is what drifts when traffic moves away from the training 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -16,6 +20,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -24,6 +30,51 @@ UNCERTAINTY_BUCKETS = (
     *(1, 2, 5, 10, 20, 50, 100, 1000),
 )
 MODEL = ("model", "version")
+
+
+class BatchHistogram:
+    """A labelled histogram fed a batch of values at once, for a metric with one value per
+    served prediction: prometheus_client's observe() takes a lock and walks the buckets per
+    value (3.5 µs each, a twentieth of a small model's batch); here one batch is one
+    searchsorted and one bincount. NaN values are not counted."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ):
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self.bounds = np.array([*buckets, np.inf])
+        self._series: dict[tuple[str, ...], tuple[np.ndarray, list[float]]] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, labels: tuple[str, ...], values: np.ndarray) -> None:
+        values = values[~np.isnan(values)]
+        bucket = np.searchsorted(self.bounds, values, side="left")  # value <= bound
+        counts = np.bincount(bucket, minlength=len(self.bounds))
+        with self._lock:
+            series = self._series.get(labels)
+            if series is None:
+                series = self._series[labels] = (np.zeros(len(self.bounds), np.int64), [0.0])
+            series[0][:] += counts
+            series[1][0] += float(values.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            series = [(k, counts.cumsum(), total[0]) for k, (counts, total) in self._series.items()]
+        bounds = [floatToGoString(b) for b in self.bounds]
+        for labels, cumulative, total in series:
+            buckets = list(zip(bounds, cumulative.tolist(), strict=True))
+            family.add_metric(list(labels), buckets, sum_value=total)
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
 class Metrics:
@@ -71,7 +122,7 @@ class Metrics:
         self.queue_depth = Gauge(
             "credence_queue_depth", "Requests waiting for a model call.", MODEL, registry=r
         )
-        self.uncertainty = Histogram(
+        self.uncertainty = BatchHistogram(
             "credence_epistemic_uncertainty",
             "Epistemic std (regression, per target) or mutual information (classification) "
             "of served predictions.",

@@ -7,7 +7,13 @@ import math
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+import pytest
 from conftest import CLASSES, FEATURES, Client, make_settings, metric_value, serve
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.utils import floatToGoString
+
+from service.metrics import UNCERTAINTY_BUCKETS, Metrics
 
 REGRESSION_FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
 
@@ -125,6 +131,23 @@ def test_routing_errors_are_json(client: Client) -> None:
         assert response.status_code == status, (url, response.text)
         assert response.headers["content-type"] == "application/json"
         assert response.json()["error"]["message"]
+
+
+def test_batch_histogram_counts_like_prometheus_histogram() -> None:
+    values = np.concatenate([np.random.default_rng(0).lognormal(-2, 3, 1000), [0.01, 1e9]])
+    ours, reference = Metrics(), CollectorRegistry()
+    theirs = Histogram("h", "h", ["model"], buckets=UNCERTAINTY_BUCKETS, registry=reference)
+    ours.uncertainty.observe(("m",), values[:600])
+    ours.uncertainty.observe(("m",), np.append(values[600:], np.nan))  # NaN is not counted
+    for value in values:
+        theirs.labels("m").observe(value)
+    text = ours.render().decode().replace("credence_epistemic_uncertainty", "h")
+    expected = generate_latest(reference).decode()
+    for le in [*map(floatToGoString, UNCERTAINTY_BUCKETS), "+Inf"]:
+        got = metric_value(text, "h_bucket", model="m", le=le)
+        assert got == metric_value(expected, "h_bucket", model="m", le=le) > 0, le
+    assert metric_value(text, "h_count", model="m") == len(values)
+    assert metric_value(text, "h_sum", model="m") == pytest.approx(values.sum(), rel=1e-12)
 
 
 def test_predict_paths_take_only_post(client: Client) -> None:
