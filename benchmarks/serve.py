@@ -11,6 +11,7 @@ For each workload, one server at a time on 127.0.0.1, each in its own subprocess
     credence  .venv/bin/credence-serve --model-dir DIR --port P --log-level warning
     ceiling   bare FastAPI + uvicorn (uvloop, httptools, no access log), same route, parses
               the JSON body and returns a precomputed body captured from Credence (no model)
+    floor     the ceiling as a plain ASGI app on the same uvicorn, without FastAPI
     naive     FastAPI, the checkpoint loaded with latest_checkpoint(...).build(), per request
               a Python loop of N single-draw `model.sample(x, 1, seed)` calls, summaries in
               torch, pydantic request model and a sync route (threadpool), no batching
@@ -27,15 +28,16 @@ FLOP rate as a fraction of what this machine's matmul reaches.
     .venv/bin/python benchmarks/serve.py [--quick] [--workload small|large|both]
 
 Prints markdown tables and writes docs/results/serving.md and docs/results/serving.json.
-The same file is also the ceiling/naive server (`--serve ceiling|naive --workload W --port P
---model-dir DIR`) and the load generator (`--loadgen --workload W --port P --concurrency C
-...`, or `--rate R` for the open loop).
+The same file is also the ceiling/floor/naive server (`--serve ceiling|floor|naive --workload
+W --port P --model-dir DIR`) and the load generator (`--loadgen --workload W --port P
+--concurrency C ...`, or `--rate R` for the open loop).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures of the apps
 # built inside functions below at runtime, and cannot resolve their local names as strings.
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import os
@@ -61,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
-SERVERS = ("credence", "ceiling", "naive")
+SERVERS = ("credence", "ceiling", "floor", "naive")
 START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 OPEN_LOOP_LOAD = 0.7  # open-loop rate as a fraction of Credence's best closed-loop rate
@@ -231,6 +233,33 @@ def ceiling_app(model_dir: Path) -> "FastAPI":
     return app
 
 
+def floor_app(model_dir: Path) -> Any:
+    """The ceiling without FastAPI: a plain ASGI app on the same uvicorn that parses the body
+    and returns the same precomputed body. What uvicorn itself costs per request."""
+    import orjson
+
+    body = (model_dir / "ceiling_response.json").read_bytes()
+    start = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+    }
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        if scope["method"] == "POST":
+            orjson.loads(b"".join(chunks))
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
 def naive_app(workload: Workload, model_dir: Path) -> "FastAPI":
     """How tutorials serve MC dropout: one forward pass per draw, in a Python loop."""
     import torch
@@ -320,7 +349,8 @@ def naive_app(workload: Workload, model_dir: Path) -> "FastAPI":
 def serve(kind: str, workload: Workload, port: int, model_dir: Path) -> None:
     import uvicorn
 
-    app = ceiling_app(model_dir) if kind == "ceiling" else naive_app(workload, model_dir)
+    apps = {"ceiling": ceiling_app, "floor": floor_app}
+    app = apps[kind](model_dir) if kind in apps else naive_app(workload, model_dir)
     uvicorn.run(
         app,
         host=HOST,
@@ -329,6 +359,7 @@ def serve(kind: str, workload: Workload, port: int, model_dir: Path) -> None:
         http="httptools",
         access_log=False,
         log_level="warning",
+        lifespan="off" if kind == "floor" else "auto",
     )
 
 
@@ -866,13 +897,16 @@ warm-up; latency is per request, client-side. Servers run one at a time on 127.0
 in its own process, with a checkpoint dir holding only that workload's model:
 
 - **credence**: `credence-serve --model-dir DIR --port P --log-level warning` (defaults
-  otherwise: dynamic batching; one batch at a time on one torch thread for the small
-  model, one batch per core on one thread each for the large one).
+  otherwise: dynamic batching; the small model's batches computed one at a time on the
+  event loop's thread, the large one's one per core on a worker thread each, one torch
+  thread per batch).
 - **ceiling**: bare FastAPI + uvicorn (uvloop, httptools, access log off) on the same
   route; parses the JSON body and returns a body captured from Credence for that workload.
-  No model: the most a FastAPI route can do on this machine. (Credence's predict routes
-  are plain Starlette routes in its FastAPI app, which skips FastAPI's per-route
-  dependency solving; the ceiling keeps FastAPI's route, as the benchmark's brief asks.)
+  No model: the most a FastAPI route can do on this machine.
+- **floor**: the ceiling without FastAPI: a plain ASGI app on the same uvicorn, parsing
+  the body and returning the same bytes. Credence's app is FastAPI, but its predict
+  requests are answered in front of FastAPI's middleware and routing (`service.gateway`),
+  so the floor, not the ceiling, is what its HTTP path can approach.
 - **naive**: FastAPI with a pydantic request model and a sync route; per request a Python
   loop of num_samples single-draw `model.sample(x, 1, seed)` calls, then the summaries in
   torch (mean/variance for small; mean softmax probabilities, predicted class and entropy
@@ -907,7 +941,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 32, 2 s each")
     parser.add_argument("--workload", choices=(*WORKLOADS, "both"), default="both")
-    parser.add_argument("--serve", choices=("ceiling", "naive"), help="run a server")
+    parser.add_argument("--serve", choices=("ceiling", "floor", "naive"), help="run a server")
     parser.add_argument("--loadgen", action="store_true", help="run the load generator")
     parser.add_argument("--port", type=int)
     parser.add_argument("--model-dir", type=Path)
@@ -924,6 +958,11 @@ def main() -> None:
         serve(args.serve, workload, args.port, args.model_dir)
     elif args.loadgen:
         import uvloop
+
+        # A collection pause in the client would be measured as the server's latency (the
+        # open loop keeps every request's record and task: full collections took tens of ms
+        # and delayed arrivals); one run's garbage fits in memory.
+        gc.disable()
 
         if args.rate is not None:
             job = drive_open(workload, args.port, args.rate, args.warmup, args.duration)
