@@ -68,6 +68,7 @@ START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 OPEN_LOOP_LOAD = 0.7  # open-loop rate as a fraction of Credence's best closed-loop rate
 OPEN_LOOP_MAX_CONNECTIONS = 512
+KEEP_ALIVE_REUSE_S = 4.0  # below uvicorn's default keep-alive timeout of 5 s
 MATMUL_SHAPE = (2048, 1024, 1024)  # [M, K] x [K, N]: 32 rows x 64 draws through 1024x1024
 
 
@@ -535,8 +536,10 @@ async def drive_open(
     """
     payloads = make_payloads(workload, port)
     rng = random.Random(1)
-    # LIFO: a returned connection is reused before a free slot (None) opens a new one.
-    pool: asyncio.LifoQueue[Connection | None] = asyncio.LifoQueue()
+    # LIFO: a returned connection is reused before a free slot (None) opens a new one. A
+    # connection idle past the server's keep-alive timeout is closed rather than reused:
+    # the server may have closed it already, and a real client would reconnect, not fail.
+    pool: asyncio.LifoQueue[tuple[Connection, float] | None] = asyncio.LifoQueue()
     for _ in range(OPEN_LOOP_MAX_CONNECTIONS):
         pool.put_nowait(None)
     opened = 0
@@ -546,7 +549,13 @@ async def drive_open(
     async def one(scheduled: float, payload: bytes) -> None:
         nonlocal opened, peak_open
         lag = time.perf_counter() - scheduled
-        conn = await pool.get()
+        entry = await pool.get()
+        conn = None
+        if entry is not None:
+            conn, last_used = entry
+            if time.perf_counter() - last_used > KEEP_ALIVE_REUSE_S:
+                conn[1].close()
+                conn, opened = None, opened - 1
         try:
             if conn is None:
                 opened += 1
@@ -562,7 +571,7 @@ async def drive_open(
                 conn[1].close()
             conn = None
             opened -= 1
-        pool.put_nowait(conn)
+        pool.put_nowait(None if conn is None else (conn, time.perf_counter()))
         records.append((scheduled, time.perf_counter(), outcome, lag))
 
     t0 = time.perf_counter() + 0.05
@@ -585,9 +594,9 @@ async def drive_open(
     for task in pending:
         task.cancel()
     while not pool.empty():
-        conn = pool.get_nowait()
-        if conn is not None:
-            conn[1].close()
+        entry = pool.get_nowait()
+        if entry is not None:
+            entry[0][1].close()
 
     in_window = [r for r in records if r[0] >= t_warm]
     scheduled_in_window = sum(1 for a in arrivals if a >= t_warm)
