@@ -286,4 +286,4 @@ class Batcher:
             values = summary["epistemic_variance"].clamp_min(0).sqrt()
         else:
             values = summary["mutual_information"]
-        self.uncertainty.observe(self.labels, values.flatten().numpy())
+        self.uncertainty.observe(self.labels, values.flatten().tolist())

@@ -8,10 +8,12 @@ classification), which is what drifts when traffic moves away from the training 
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -35,8 +37,8 @@ MODEL = ("model", "version")
 class BatchHistogram:
     """A labelled histogram fed a batch of values at once, for a metric with one value per
     served prediction: prometheus_client's observe() takes a lock and walks the buckets per
-    value (3.5 µs each, a twentieth of a small model's batch); here one batch is one
-    searchsorted and one bincount. NaN values are not counted."""
+    value (3.5 µs each, a twentieth of a small model's batch); here a batch takes the lock
+    once and bisects the buckets. NaN values are not counted."""
 
     def __init__(
         self,
@@ -47,29 +49,33 @@ class BatchHistogram:
         registry: CollectorRegistry,
     ):
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
-        self.bounds = np.array([*buckets, np.inf])
-        self._series: dict[tuple[str, ...], tuple[np.ndarray, list[float]]] = {}
+        self.bounds = [*buckets, math.inf]
+        self._counts: dict[tuple[str, ...], list[int]] = {}
+        self._sums: dict[tuple[str, ...], float] = {}
         self._lock = threading.Lock()
         registry.register(self)
 
-    def observe(self, labels: tuple[str, ...], values: np.ndarray) -> None:
-        values = values[~np.isnan(values)]
-        bucket = np.searchsorted(self.bounds, values, side="left")  # value <= bound
-        counts = np.bincount(bucket, minlength=len(self.bounds))
+    def observe(self, labels: tuple[str, ...], values: Iterable[float]) -> None:
+        counts, total = [0] * len(self.bounds), 0.0
+        for value in values:
+            if value == value:  # not NaN
+                counts[bisect.bisect_left(self.bounds, value)] += 1  # value <= bound
+                total += value
         with self._lock:
-            series = self._series.get(labels)
-            if series is None:
-                series = self._series[labels] = (np.zeros(len(self.bounds), np.int64), [0.0])
-            series[0][:] += counts
-            series[1][0] += float(values.sum())
+            series = self._counts.setdefault(labels, [0] * len(self.bounds))
+            for i, count in enumerate(counts):
+                series[i] += count
+            self._sums[labels] = self._sums.get(labels, 0.0) + total
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        with self._lock:
-            series = [(k, counts.cumsum(), total[0]) for k, (counts, total) in self._series.items()]
         bounds = [floatToGoString(b) for b in self.bounds]
+        with self._lock:
+            series = [
+                (k, list(itertools.accumulate(c)), self._sums[k]) for k, c in self._counts.items()
+            ]
         for labels, cumulative, total in series:
-            buckets = list(zip(bounds, cumulative.tolist(), strict=True))
+            buckets = list(zip(bounds, cumulative, strict=True))
             family.add_metric(list(labels), buckets, sum_value=total)
         yield family
 

@@ -137,8 +137,8 @@ def test_batch_histogram_counts_like_prometheus_histogram() -> None:
     values = np.concatenate([np.random.default_rng(0).lognormal(-2, 3, 1000), [0.01, 1e9]])
     ours, reference = Metrics(), CollectorRegistry()
     theirs = Histogram("h", "h", ["model"], buckets=UNCERTAINTY_BUCKETS, registry=reference)
-    ours.uncertainty.observe(("m",), values[:600])
-    ours.uncertainty.observe(("m",), np.append(values[600:], np.nan))  # NaN is not counted
+    ours.uncertainty.observe(("m",), values[:600].tolist())
+    ours.uncertainty.observe(("m",), [*values[600:].tolist(), math.nan])  # NaN is not counted
     for value in values:
         theirs.labels("m").observe(value)
     text = ours.render().decode().replace("credence_epistemic_uncertainty", "h")

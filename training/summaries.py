@@ -82,18 +82,22 @@ def mixture_quantile(
     offset = mu - center
     skew = sample_mean(offset * (offset * offset + 3 * var)) / (moments[1] * spread)
     x = (center + spread * (z + bend.view(-1, *unit) * skew)).clamp(lo, hi)
-    counts = torch.tensor([p * n for p in probs], dtype=torch.float64, device=mu.device)
-    counts = counts.view(-1, *unit)  # the CDF as a sum over draws: n * q
-    inv_sd = sd.reciprocal().unsqueeze(1)  # [n, 1, ...] against x [Q, ...]
-    pdf_scale = inv_sd * (1 / math.sqrt(2 * math.pi))
+    # In w = (mean - x) / (sd sqrt 2) a draw's CDF is erfc(w) / 2 and its density
+    # exp(-w^2) / (sd sqrt(2 pi)): erfc is one op and exact in the lower tail, where
+    # torch's ndtr computes 1 + erf and cancels. Everything is doubled: the sum of erfc
+    # over draws is compared with 2 n q, and its slope is twice the density sum.
+    twice = torch.tensor([2 * p * n for p in probs], dtype=torch.float64, device=mu.device)
+    twice = twice.view(-1, *unit)
+    inv_sd = (sd.reciprocal() * (1 / math.sqrt(2))).unsqueeze(1)  # [n, 1, ...] against x
+    slope_scale = inv_sd * (2 / math.sqrt(math.pi))
     mu = mu.unsqueeze(1)
     done = torch.zeros_like(x, dtype=torch.bool)
     for _ in range(_MAX_ITERATIONS):
-        z = (x - mu) * inv_sd
+        w = (mu - x) * inv_sd
         # CDF and density share one reduction: half the (many, small) ops.
-        terms = torch.stack([torch.special.ndtr(z), torch.exp(-0.5 * z * z) * pdf_scale], 1)
+        terms = torch.stack([torch.special.erfc(w), torch.exp(-w * w) * slope_scale], 1)
         excess, slope = sample_sum(terms).unbind(0)
-        excess = excess - counts
+        excess = excess - twice
         below = excess < 0
         lo = torch.where(below, x, lo)
         hi = torch.where(below, hi, x)  # an exact root (excess 0) closes the bracket on x
