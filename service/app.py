@@ -39,7 +39,6 @@ from service.gateway import (
 from service.metrics import Metrics
 from service.registry import FailedModel, LoadedModel, ModelEntry, Registry
 from service.settings import Settings, resolve_device
-from training.fit import is_small
 
 log = logging.getLogger("credence.app")
 JSON = "application/json"
@@ -117,23 +116,22 @@ def model_detail(entry: ModelEntry) -> dict:
 def batch_workers(model: LoadedModel, settings: Settings) -> int:
     """Threads that compute a model version's batches: `settings.batch_workers`, or if auto:
 
-    A small torch model's batch is a millisecond or two of small ops that each take the
-    GIL: it is computed on the event loop's own thread (0), since handing it to a thread
-    made the two fight for the GIL at every op (small model at concurrency 32 on 2 cores:
-    4,579 requests/s on the loop against 2,876 on one worker thread, and two worker threads
-    did worse still). A large torch model runs one batch per core, each on one thread: it
-    spends its time in matmuls that release the GIL, and two OpenMP threads per batch wait
-    at every GEMM barrier for the one the event loop and the clients keep off its core
-    (784-1024-1024-10 at concurrency 32: +24% requests/s). onnxruntime picks its own
-    threads per model (service.onnx_backend), so its batches run one at a time, off the loop.
+    A small model's batch is a millisecond or two of small ops that each take the GIL: it
+    is computed on the event loop's own thread (0), since handing it to a thread made the
+    two fight for the GIL at every op (small model at concurrency 32 on 2 cores, with
+    benchmarks/serve.py's server and client: 4,579 requests/s on the loop against 2,876 on
+    one worker thread with torch, 5,440 against 3,265 with onnxruntime). A large torch model
+    runs one batch per core, each on one thread: it spends its time in matmuls that release
+    the GIL, and two OpenMP threads per batch wait at every GEMM barrier for the one the
+    event loop and the clients keep off its core (784-1024-1024-10 at concurrency 32: +24%
+    requests/s). onnxruntime picks its own threads per model (service.onnx_backend), so a
+    large model's batches run one at a time, on one worker thread.
     """
     if settings.batch_workers != "auto":
         return settings.batch_workers
-    if settings.backend == "onnx":
-        return 1
-    if isinstance(model.model, torch.nn.Module) and is_small(model.model):
+    if model.small:
         return 0
-    return len(os.sched_getaffinity(0))
+    return 1 if settings.backend == "onnx" else len(os.sched_getaffinity(0))
 
 
 def quiet_garbage_collector() -> None:

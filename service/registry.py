@@ -22,6 +22,7 @@ from service.onnx_backend import load_onnx
 from service.settings import Settings
 from training.calibration import Calibration, CalibrationError, parse_calibration
 from training.checkpoint import NAME_PATTERN, CheckpointError, list_versions, read_checkpoint
+from training.fit import is_small
 
 log = logging.getLogger("credence.registry")
 
@@ -138,6 +139,7 @@ class LoadedModel:
     model: Sampler  # a PosteriorModel (torch backend) or an OnnxSampler (onnx backend)
     device: torch.device
     path: Path
+    small: bool = False  # training.fit.is_small: its batches are many small ops
 
     @property
     def key(self) -> tuple[str, int]:
@@ -176,13 +178,14 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
             f"but the checkpoint sits in {path.parent.name}/{path.name}"
         )
     spec = parse_spec(manifest, settings)
+    module = checkpoint.build(device)
     if settings.backend == "onnx":  # onnxruntime's CPU provider, whatever the device
         device = torch.device("cpu")
         model: Sampler = load_onnx(checkpoint, settings.torch_threads)
     else:
-        model = checkpoint.build(device)
+        model = module
     check_model(model, spec, device)
-    return LoadedModel(spec, model, device, path)
+    return LoadedModel(spec, model, device, path, small=is_small(module))
 
 
 class Registry:

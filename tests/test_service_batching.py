@@ -204,11 +204,10 @@ def test_batch_workers_compute_batches_side_by_side_with_the_same_answers(
 def test_large_torch_models_get_a_batch_per_core_and_small_ones_the_event_loop(
     tmp_path: Path,
 ) -> None:
-    small = SimpleNamespace(model=torch.nn.Linear(13, 50))
-    large = SimpleNamespace(model=torch.nn.Linear(1024, 1024))
+    small, large = SimpleNamespace(small=True), SimpleNamespace(small=False)
     cores = len(os.sched_getaffinity(0))
     auto, onnx = make_settings(tmp_path), make_settings(tmp_path, backend="onnx")
-    assert batch_workers(small, auto) == 0
+    assert batch_workers(small, auto) == batch_workers(small, onnx) == 0
     assert batch_workers(large, auto) == cores
     assert batch_workers(large, onnx) == 1  # onnxruntime threads itself
     assert batch_workers(large, make_settings(tmp_path, batch_workers=0)) == 0

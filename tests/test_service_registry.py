@@ -14,6 +14,7 @@ from conftest import Client, make_settings, regression_manifest, regression_mode
 from service.registry import FailedModel, LoadedModel, Registry, parse_spec
 from service.settings import Settings
 from training.checkpoint import CheckpointError, save_checkpoint
+from training.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +108,15 @@ def test_training_never_imports_service() -> None:
         text=True,
     )
     assert found.stdout == "", found.stdout
+
+
+def test_a_loaded_model_knows_whether_it_is_small(tmp_path: Path) -> None:
+    """batch_workers computes a small model's batches on the event loop (service.app)."""
+    config = {"method": "mc_dropout", "likelihood": {"kind": "gaussian", "num_targets": 1}}
+    normalization = {"x_mean": [0.0] * 3, "x_std": [1.0] * 3, "y_mean": [0.0], "y_std": [1.0]}
+    for name, hidden in (("narrow", [50]), ("wide", [600, 600])):
+        arch = {"in_features": 3, "hidden": hidden, "dropout": 0.1}
+        model = build_model({**config, "arch": arch}, normalization)
+        save_checkpoint(model, tmp_path, name, regression_manifest())
+    registry = Registry.load(tmp_path, torch.device("cpu"), make_settings(tmp_path))
+    assert {m.spec.name: m.small for m in registry.loaded()} == {"narrow": True, "wide": False}
