@@ -39,6 +39,7 @@ log = logging.getLogger("credence.batcher")
 
 RETRY_AFTER_S = 1
 EXPIRY_TICK_S = 0.05
+LOOP_TURNS = 2  # see Batcher._collect
 Render = Callable[[list[dict]], bytes]  # the request's rows of `protocol.predictions`
 
 
@@ -213,15 +214,29 @@ class Batcher:
                 job.future.set_result(outcome)
 
     async def _collect(self) -> list[Job]:
-        """Wait for a first request, then take more until the row budget or the delay."""
+        """Wait for a first request, then take more until the row budget or the delay.
+
+        Before the batch closes, the event loop gets LOOP_TURNS turns to read and parse the
+        requests that already wait in the sockets (those that arrived while the last batch
+        was computed), so they join this batch instead of waiting for the next: at
+        concurrency 32 the small model's batches grew from 16 to 31 rows and it served 21%
+        more requests per second (benchmarks/serve.py's server and client, 2 cores; one turn
+        gave 28 rows, three 31.5). Idle, the turns cost microseconds.
+        """
         loop = asyncio.get_running_loop()
         first, self._carry = self._carry or await self.queue.get(), None
         batch, rows = [first], first.rows
         deadline = loop.time() + self.delay_s
+        turned = False
         while rows < self.max_rows:
             try:
                 job = self.queue.get_nowait()
             except asyncio.QueueEmpty:
+                if not turned:
+                    turned = True
+                    for _ in range(LOOP_TURNS):
+                        await asyncio.sleep(0)
+                    continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
