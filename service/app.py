@@ -42,12 +42,12 @@ from service.settings import Settings, resolve_device
 
 log = logging.getLogger("credence.app")
 JSON = "application/json"
-# Newer FastAPI instruments every request for OpenTelemetry and, even with no provider set
-# up, reads the environment per request to find out (a tenth of the event loop's time
-# under load). Operators watch this service through its Prometheus metrics instead.
 # Seeds for requests that bring none: distinct, not secret (the response tells the seed),
 # so no os.urandom syscall per request (4% of the event loop's time at concurrency 32).
 UNSEEDED = random.Random()
+# Newer FastAPI instruments every request for OpenTelemetry and, even with no provider set
+# up, reads the environment per request to find out (a tenth of the event loop's time
+# under load). Operators watch this service through its Prometheus metrics instead.
 NO_OTEL = (
     {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters

@@ -139,9 +139,9 @@ class Batcher:
             ) from None
         self._by_deadline.append(job)
         self.depth_gauge.set(self.depth)
-        # _expire fails the future at the deadline (a client that disconnects cancels it,
-        # and the batch skips it); a batch computed on the loop cannot be interrupted, so an
-        # answer that comes after the deadline is refused the same way
+        # _expire fails the future at the deadline (a batch skips the futures that are done);
+        # a batch computed on the loop cannot be interrupted, so an answer that comes after
+        # the deadline is refused the same way
         payload = await job.future
         if loop.time() > deadline:
             raise self._deadline_exceeded()
@@ -155,8 +155,8 @@ class Batcher:
         )
 
     async def _expire(self) -> None:
-        """Answer requests past their deadline with 504, and forget answered ones, a few
-        times per deadline (at least every 50 ms)."""
+        """Answer requests past their deadline with 504, and forget answered ones, every
+        50 ms (or a quarter of the deadline, when that is shorter)."""
         loop = asyncio.get_running_loop()
         waiting = self._by_deadline
         while True:
