@@ -187,12 +187,13 @@ def test_failing_batch_is_a_json_500_for_its_requests_only(model_dir: Path) -> N
     assert after.status_code == 200
 
 
+def broken(*args: object, **kwargs: object) -> None:
+    raise KeyError("a bug")
+
+
 def test_unexpected_exception_is_a_json_500(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(*args: object, **kwargs: object) -> None:
-        raise KeyError("a bug")
-
     with serve(make_settings(model_dir)) as live:
         monkeypatch.setattr("service.app.protocol.parse_predict", broken)
         response = live.post(URL, json={"instances": [GOOD]})
@@ -207,9 +208,6 @@ def test_unexpected_exception_is_a_json_500(
 def test_unexpected_exception_on_another_route_is_a_json_500(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(*args: object, **kwargs: object) -> None:
-        raise KeyError("a bug")
-
     with serve(make_settings(model_dir)) as live:
         monkeypatch.setattr("service.app.model_detail", broken)
         response = live.get("/v1/models/reg")
