@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from training.checkpoint import ONNX, Checkpoint, CheckpointError
-from training.fit import is_small
 from training.onnx_export import EXPORTABLE_METHODS, run_draws, session
 
 
@@ -29,12 +28,12 @@ class OnnxSampler:
         return torch.from_numpy(np.asarray(run_draws(self.session, x_np, n, seeds_np)))
 
 
-def load_onnx(checkpoint: Checkpoint, threads: int = 0) -> OnnxSampler:
+def load_onnx(checkpoint: Checkpoint, threads: int, small: bool) -> OnnxSampler:
     """The sampler of a verified checkpoint's model.onnx; CheckpointError says how to export.
 
-    `threads` 0 means one intra-op thread for a small model (training.fit.is_small), else
-    onnxruntime's default of one per core; this backend computes one batch at a time
-    (service.app.batch_workers)."""
+    `threads` 0 means one intra-op thread for a `small` model (training.fit.is_small), else
+    onnxruntime's default of one per core; a large model's batches are computed one at a
+    time (service.app.batch_workers)."""
     if ONNX not in checkpoint.files:
         name, version = checkpoint.manifest.get("name"), checkpoint.manifest.get("version")
         method = checkpoint.manifest.get("method")
@@ -50,7 +49,7 @@ def load_onnx(checkpoint: Checkpoint, threads: int = 0) -> OnnxSampler:
             f"CREDENCE_BACKEND=onnx needs one: {how}"
         )
     if threads == 0:  # one thread for a small model, else a core each
-        threads = 1 if is_small(checkpoint.build("cpu")) else 0
+        threads = 1 if small else 0
     try:
         return OnnxSampler(checkpoint.files[ONNX], checkpoint.manifest["task"], threads)
     except Exception as exc:  # onnxruntime raises its own exception types for a bad graph

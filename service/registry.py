@@ -178,14 +178,15 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
             f"but the checkpoint sits in {path.parent.name}/{path.name}"
         )
     spec = parse_spec(manifest, settings)
-    module = checkpoint.build(device)
     if settings.backend == "onnx":  # onnxruntime's CPU provider, whatever the device
         device = torch.device("cpu")
-        model: Sampler = load_onnx(checkpoint, settings.torch_threads)
-    else:
-        model = module
+    module = checkpoint.build(device)
+    small = is_small(module)
+    model: Sampler = module
+    if settings.backend == "onnx":
+        model = load_onnx(checkpoint, settings.torch_threads, small)
     check_model(model, spec, device)
-    return LoadedModel(spec, model, device, path, small=is_small(module))
+    return LoadedModel(spec, model, device, path, small=small)
 
 
 class Registry:
