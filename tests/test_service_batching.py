@@ -23,7 +23,7 @@ from conftest import (
 )
 
 from service.app import batch_workers
-from service.batcher import Batcher
+from service.batcher import Batcher, Job
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.registry import Registry
@@ -243,3 +243,28 @@ def test_stopping_answers_a_batch_in_flight_and_the_queue_with_503(model_dir: Pa
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, ApiError) and o.status == 503 for o in outcomes), outcomes
     assert {o.problems[0].code for o in outcomes} == {"shutting_down"}
+
+
+@pytest.mark.parametrize(("workers", "joined"), [(0, True), (1, False)])
+def test_a_batch_on_the_loop_waits_a_turn_for_requests_being_read(
+    model_dir: Path, workers: int, joined: bool
+) -> None:
+    """A request parsed in the loop turn after the batch opened joins it when batches are
+    computed on the loop (it was waiting in its socket while the last batch computed); with
+    worker threads the loop has read it already, so the batch does not wait for it."""
+    settings = make_settings(model_dir, max_batch_delay_ms=0)
+    loaded = Registry.load(model_dir, torch.device("cpu"), settings).resolve("reg")
+
+    async def scenario() -> list[Job]:
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(loaded, settings, Metrics(), workers)
+        first, second = (
+            Job(torch.zeros(1, 3), 10, (0.9,), seed, lambda _: b"", 0.0, loop.create_future())
+            for seed in (1, 2)
+        )
+        batcher.queue.put_nowait(first)
+        loop.call_soon(batcher.queue.put_nowait, second)  # read in the next turn
+        return await batcher._collect()
+
+    batch = asyncio.run(scenario())
+    assert [job.seed for job in batch] == ([1, 2] if joined else [1])
