@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     )
     backend: Backend = Field("torch", description="torch, or onnx: each checkpoint's model.onnx")
     log_level: LogLevel = "info"
+    access_log: bool = Field(
+        False, description="a log line per HTTP request (at log level info); metrics count them"
+    )
 
     @field_validator("device")
     @classmethod

@@ -41,6 +41,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.port == 9001  # the flag wins
     assert settings.max_queue == 7  # no flag: the environment stays
     assert settings.model_dir == Path("elsewhere") and settings.device == "cpu"
+    assert not settings.access_log and load_settings(["--access-log", "true"]).access_log
 
 
 @pytest.mark.parametrize(
@@ -131,3 +132,4 @@ def test_real_server_end_to_end(model_dir: Path) -> None:
     assert server.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
     assert "loaded reg v1 on cpu" in output and "refused twin v2" in output
+    assert "POST /v1/models/reg:predict" not in output  # no access log unless asked for
