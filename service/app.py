@@ -10,7 +10,6 @@ import asyncio
 import gc
 import inspect
 import logging
-import os
 import random
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import protocol
 from service.batcher import Batcher
+from service.cpus import available_cores
 from service.errors import ApiError, Problem, error_body
 from service.gateway import (
     Gateway,
@@ -131,7 +131,7 @@ def batch_workers(model: LoadedModel, settings: Settings) -> int:
         return settings.batch_workers
     if model.small:
         return 0
-    return 1 if settings.backend == "onnx" else len(os.sched_getaffinity(0))
+    return 1 if settings.backend == "onnx" else available_cores()
 
 
 def quiet_garbage_collector() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from service.cpus import available_cores
 from training.checkpoint import ONNX, Checkpoint, CheckpointError
 from training.onnx_export import EXPORTABLE_METHODS, run_draws, session
 
@@ -32,7 +33,7 @@ def load_onnx(checkpoint: Checkpoint, threads: int, small: bool) -> OnnxSampler:
     """The sampler of a verified checkpoint's model.onnx; CheckpointError says how to export.
 
     `threads` 0 means one intra-op thread for a `small` model (training.fit.is_small), else
-    onnxruntime's default of one per core; a large model's batches are computed one at a
+    one per available core (service.cpus); a large model's batches are computed one at a
     time (service.app.batch_workers)."""
     if ONNX not in checkpoint.files:
         name, version = checkpoint.manifest.get("name"), checkpoint.manifest.get("version")
@@ -49,7 +50,7 @@ def load_onnx(checkpoint: Checkpoint, threads: int, small: bool) -> OnnxSampler:
             f"CREDENCE_BACKEND=onnx needs one: {how}"
         )
     if threads == 0:  # one thread for a small model, else a core each
-        threads = 1 if small else 0
+        threads = 1 if small else available_cores()
     try:
         return OnnxSampler(checkpoint.files[ONNX], checkpoint.manifest["task"], threads)
     except Exception as exc:  # onnxruntime raises its own exception types for a bad graph

@@ -4,7 +4,6 @@ bounded queues (503 + Retry-After) and deadlines (504)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import threading
 import time
@@ -22,8 +21,10 @@ from conftest import (
     serve,
 )
 
+from service import cpus
 from service.app import batch_workers
 from service.batcher import Batcher, Job
+from service.cpus import available_cores
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.registry import Registry
@@ -205,7 +206,7 @@ def test_large_torch_models_get_a_batch_per_core_and_small_ones_the_event_loop(
     tmp_path: Path,
 ) -> None:
     small, large = SimpleNamespace(small=True), SimpleNamespace(small=False)
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     auto, onnx = make_settings(tmp_path), make_settings(tmp_path, backend="onnx")
     assert batch_workers(small, auto) == batch_workers(small, onnx) == 0
     assert batch_workers(large, auto) == cores
@@ -268,3 +269,33 @@ def test_a_batch_on_the_loop_waits_a_turn_for_requests_being_read(
 
     batch = asyncio.run(scenario())
     assert [job.seed for job in batch] == ([1, 2] if joined else [1])
+
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "limit"),
+    [
+        ("200000 100000\n", None, 2),  # a pod limited to 2 CPUs
+        ("150000 100000\n", None, 2),  # 1.5 CPUs: two threads, one of them part-time
+        ("max 100000\n", None, None),  # no limit
+        (None, ("100000", "100000"), 1),  # cgroup v1
+        (None, ("-1", "100000"), None),
+        (None, None, None),  # no cgroup files
+    ],
+)
+def test_available_cores_follow_the_container_cpu_limit(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    v2: str | None,
+    v1: tuple | None,
+    limit: int | None,
+) -> None:
+    files = {name: tmp_path / name for name in ("cpu.max", "quota", "period")}
+    if v2 is not None:
+        files["cpu.max"].write_text(v2)
+    if v1 is not None:
+        files["quota"].write_text(v1[0])
+        files["period"].write_text(v1[1])
+    limits = ((files["cpu.max"], None), (files["quota"], files["period"]))
+    monkeypatch.setattr(cpus, "CPU_LIMIT_FILES", limits)
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert available_cores() == (limit or 64)
