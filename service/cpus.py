@@ -22,10 +22,10 @@ def available_cores() -> int:
             values = quota_file.read_text().split()
             if period_file is not None:
                 values.append(period_file.read_text().strip())
-        except OSError:
+            quota, period = values[0], values[1]
+            if quota in ("max", "-1"):  # no limit
+                return cores
+            return min(cores, max(1, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError, IndexError):  # absent or unreadable: the next layout
             continue
-        quota, period = values[0], values[1]
-        if quota not in ("max", "-1"):
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-        break
     return cores

@@ -280,6 +280,7 @@ def test_a_batch_on_the_loop_waits_a_turn_for_requests_being_read(
         (None, ("100000", "100000"), 1),  # cgroup v1
         (None, ("-1", "100000"), None),
         (None, None, None),  # no cgroup files
+        ("garbage\n", ("", "100000"), None),  # unreadable: ignored
     ],
 )
 def test_available_cores_follow_the_container_cpu_limit(
