@@ -14,28 +14,23 @@ is the serving hot path (dropout masks for every draw of every request).
 from __future__ import annotations
 
 import functools
+from typing import TypeVar
 
 import torch
+
+Word = TypeVar("Word", torch.Tensor, int)
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x61C88647  # 2**32 / phi
 _M1, _M2 = 0x21F0AAAD, 0x735A2D97  # both below 2**31: exact in int64, valid int32 literals
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """Bijective avalanche mixer on values in [0, 2**32) held in int64."""
+def mix32(x: Word) -> Word:
+    """Bijective avalanche mixer on values in [0, 2**32) held in int64 (or in one Python
+    integer, for constants that are mixed once rather than as tensor ops)."""
     x = x ^ (x >> 16)
     x = (x * _M1) & _MASK32
     x = x ^ (x >> 15)
-    x = (x * _M2) & _MASK32
-    return x ^ (x >> 15)
-
-
-def _mix32_int(x: int) -> int:
-    """`mix32` of one Python integer: constants are mixed once here, not as tensor ops."""
-    x ^= x >> 16
-    x = (x * _M1) & _MASK32
-    x ^= x >> 15
     x = (x * _M2) & _MASK32
     return x ^ (x >> 15)
 
@@ -82,9 +77,8 @@ def combine(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
     `value` is mixed before it is broadcast against `key`, so a small counter vector costs
     one mix per element of the result, not two.
     """
-    if isinstance(value, int):
-        return mix32(key ^ _mix32_int((value + _GOLDEN) & _MASK32))
-    value = torch.as_tensor(value, dtype=torch.int64, device=key.device)
+    if not isinstance(value, int):  # an int is mixed as a Python integer, not a tensor
+        value = torch.as_tensor(value, dtype=torch.int64, device=key.device)
     return mix32(key ^ mix32((value + _GOLDEN) & _MASK32))
 
 
