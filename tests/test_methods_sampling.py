@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import training.model
 from training.checkpoint import read_checkpoint, save_checkpoint
 from training.model import PosteriorModel, build_model
 from training.posteriors.laplace_fit import fit_last_layer
@@ -104,6 +105,21 @@ def test_a_seed_gets_the_same_draws_alone_and_in_any_batch(case):
     torch.testing.assert_close(
         model.sample(x[shuffled], 10, seeds[shuffled]), mixed[:, shuffled], rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("input_dropout", [False, True])
+@pytest.mark.parametrize("budget", [1, 500])  # bytes: one draw per chunk; 3, 3, 3 and 1
+def test_mc_dropout_draws_do_not_depend_on_the_chunks_they_are_computed_in(
+    monkeypatch, budget, input_dropout
+):
+    config, likelihood = CASES["mc_dropout"]
+    arch = {**config["arch"], "input_dropout": input_dropout}
+    torch.manual_seed(0)
+    model = build_model({**config, "arch": arch, "likelihood": likelihood}, TABULAR).eval()
+    x, seeds = _inputs("mc_dropout", 5), torch.tensor([4, 1, 4, 2, 8])
+    whole = model.sample(x, 10, seeds)  # 10 draws x 5 rows x 8 units: one chunk by default
+    monkeypatch.setattr(training.model, "CHUNK_BYTES", budget)
+    torch.testing.assert_close(model.sample(x, 10, seeds), whole, rtol=1e-5, atol=1e-6)
 
 
 def test_different_seeds_get_independent_draws(case):

@@ -23,6 +23,9 @@ from training import rng
 from training.likelihoods import CategoricalHead, GaussianHead, build_head
 
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
+# Inference on fresh tensors: no autograd, so no need for a new output per activation
+IN_PLACE_ACTIVATIONS = {"relu": torch.relu_, "tanh": torch.tanh_, "gelu": F.gelu}
+CHUNK_BYTES = 1 << 20  # per activation tensor, half a core's L2 on the benchmark machine
 
 
 class Normalizer(nn.Module):
@@ -103,7 +106,8 @@ class MCDropoutMLP(PosteriorModel):
         self.p = float(arch["dropout"])
         self.input_dropout = bool(arch.get("input_dropout", False))
         self.lengthscale = float(arch.get("prior_lengthscale", 1e-2))
-        self.activation = ACTIVATIONS[arch.get("activation", "relu")]
+        self.activation_name = arch.get("activation", "relu")
+        self.activation = ACTIVATIONS[self.activation_name]
 
     def _dropped(self, i: int) -> bool:
         return self.p > 0 and (i > 0 or self.input_dropout)
@@ -119,19 +123,36 @@ class MCDropoutMLP(PosteriorModel):
         return h
 
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        """Layers before the first dropout run once for all draws; the rest run on chunks of
+        draws small enough that each layer's activations stay in a core's L2 cache (a
+        large model's masks and activations are several passes over megabytes each)."""
         unique, row_of = torch.unique(seeds, return_inverse=True)
         if unique.numel() == seeds.numel():  # one seed per row: masks per row, no gather
             unique, row_of = seeds, None
-        h = z.unsqueeze(0)  # [1, B, D]: broadcast to [n, B, width] at the first mask
-        for i, layer in enumerate(self.layers):
-            weight = layer.weight
-            if self._dropped(i):
-                h = _dropout(h, rng.draw_keys(unique, n, stream=i), row_of, 1 - self.p)
-                weight = weight * (1 / (1 - self.p))  # the dropout rescale, on the smaller side
-            h = F.linear(h, weight, layer.bias)
-            if i < len(self.layers) - 1:
-                h = self.activation(h)
-        return h.expand(n, *h.shape[1:])
+        keep, activation = 1 - self.p, self.activation_name
+        plan = [  # (layer, keys of its input's dropout masks or None)
+            (layer, rng.draw_keys(unique, n, stream=i) if self._dropped(i) else None)
+            for i, layer in enumerate(self.layers)
+        ]
+        h = z
+        while plan and plan[0][1] is None:  # before the first dropout: the same for every draw
+            layer, _ = plan.pop(0)
+            h = _linear(h, layer, 1.0, activation if plan else None)
+        if not plan:  # no dropout at all
+            return h.unsqueeze(0).expand(n, *h.shape)
+        widest = max(layer.in_features for layer, _ in plan)
+        step = max(1, CHUNK_BYTES // (z.shape[0] * widest * h.element_size()))
+        chunks = []
+        for start in range(0, n, step):
+            g = h.unsqueeze(0)  # [1, B, width]: broadcast to [draws, B, width] by the mask
+            for j, (layer, keys) in enumerate(plan):
+                scale = 1.0
+                if keys is not None:
+                    g = _dropout(g, keys[start : start + step], row_of, keep)
+                    scale = 1 / keep
+                g = _linear(g, layer, scale, activation if j < len(plan) - 1 else None)
+            chunks.append(g)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def penalty(self, num_train: int) -> torch.Tensor:
         total = torch.zeros(())
@@ -139,6 +160,18 @@ class MCDropoutMLP(PosteriorModel):
             keep = 1 - self.p if self._dropped(i) else 1.0
             total = total + self.lengthscale**2 * keep / (2 * num_train) * layer.weight.pow(2).sum()
         return total
+
+
+def _linear(
+    h: torch.Tensor, layer: nn.Linear, scale: float, activation: str | None
+) -> torch.Tensor:
+    """`layer` at inference on [..., in] with its product scaled (addmm's alpha: free, where
+    scaling the weights is one more pass over them), then the activation (if any) in place:
+    the output is fresh."""
+    flat = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
+    y = torch.addmm(layer.bias, flat, layer.weight.t(), alpha=scale)
+    y = IN_PLACE_ACTIVATIONS[activation](y) if activation else y
+    return y if h.dim() == 2 else y.view(*h.shape[:-1], -1)
 
 
 def _dropout(

@@ -218,7 +218,8 @@ def _mc_dropout_body(g: Graph, model: MCDropoutMLP, z: str, n: str) -> str:
             keep = bernoulli(g, draw_keys(g, seed_key, n, stream=i), width, 1 - model.p)
             keep = g.op("Cast", g.op("Gather", keep, row_of, axis=1), to=TensorProto.FLOAT)
             h = g.op("Mul", h, keep)  # torch.where(keep, h, 0) for finite h; Where is slower
-            # the 1 / (1 - p) rescale rides on the weights, computed as PyTorch does
+            # the 1 / (1 - p) rescale rides on the weights (PyTorch scales the product: the
+            # two agree to rounding)
             weight = weight * (1 / (1 - model.p))
             masked = True
         h = g.op("MatMul", h, g.const(weight.numpy().T))
