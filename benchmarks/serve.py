@@ -634,16 +634,34 @@ async def drive_open(
 
 
 def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere).
+    """User + system CPU seconds so far of a process and the processes it started, such as
+    Credence's batch workers (Linux /proc; None elsewhere).
 
     CPU per request says what the server itself costs, apart from the client that shares
     the cores: a ratio that contention on a busy machine disturbs less than req/s.
     """
+    total, family = 0.0, {pid}
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stats = {int(p.name): p / "stat" for p in Path("/proc").iterdir() if p.name.isdigit()}
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    parsed = {}
+    for child, path in stats.items():
+        try:
+            parsed[child] = path.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+    if pid not in parsed:
+        return None
+    while True:  # descendants: parent pid is field 4 (index 1 after the name)
+        more = {child for child, f in parsed.items() if int(f[1]) in family} - family
+        if not more:
+            break
+        family |= more
+    for member in family:
+        fields = parsed[member]
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run_loadgen(
@@ -907,8 +925,8 @@ in its own process, with a checkpoint dir holding only that workload's model:
 
 - **credence**: `credence-serve --model-dir DIR --port P --log-level warning` (defaults
   otherwise: dynamic batching; the small model's batches computed one at a time on the
-  event loop's thread, the large one's one per core on a worker thread each, one torch
-  thread per batch).
+  event loop's thread, the large one's one per core in a worker process each, one torch
+  thread per batch; the server's CPU time includes its worker processes').
 - **ceiling**: bare FastAPI + uvicorn (uvloop, httptools, access log off) on the same
   route; parses the JSON body and returns a body captured from Credence for that workload.
   No model: the most a FastAPI route can do on this machine.

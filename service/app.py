@@ -114,18 +114,20 @@ def model_detail(entry: ModelEntry) -> dict:
 
 
 def batch_workers(model: LoadedModel, settings: Settings) -> int:
-    """Threads that compute a model version's batches: `settings.batch_workers`, or if auto:
+    """Processes that compute a model version's batches (service.workers):
+    `settings.batch_workers`, or if auto:
 
-    A small model's batch is a millisecond or two of small ops that each take the GIL: it
-    is computed on the event loop's own thread (0), since handing it to a thread made the
-    two fight for the GIL at every op (small model at concurrency 32 on 2 cores, with
-    benchmarks/serve.py's server and client: 4,579 requests/s on the loop against 2,876 on
-    one worker thread with torch, 5,440 against 3,265 with onnxruntime). A large torch model
-    runs one batch per core, each on one thread: it spends its time in matmuls that release
-    the GIL, and two OpenMP threads per batch wait at every GEMM barrier for the one the
-    event loop and the clients keep off its core (784-1024-1024-10 at concurrency 32: +24%
-    requests/s). onnxruntime picks its own threads per model (service.onnx_backend), so a
-    large model's batches run one at a time, on one worker thread.
+    A small model's batch is a millisecond or two of small ops: it is computed on the event
+    loop's own thread (0). On a worker thread each op fought the loop for the GIL (small
+    model at concurrency 32 on 2 cores, with benchmarks/serve.py's server and client: 4,579
+    requests/s on the loop against 2,876 on one thread); in a worker process the pipe and the
+    process's fixed cost per batch outweigh the core it adds (7,192 against 4,215). A large
+    torch model runs one batch per core, each in a process of its own on one thread: two
+    OpenMP threads per batch wait at every GEMM barrier for the one the event loop and the
+    clients keep off its core (784-1024-1024-10 at concurrency 32: +24% requests/s), and
+    processes rather than threads spare it the GIL (+18%, 701 to 825 requests/s).
+    onnxruntime picks its own threads per model (service.onnx_backend), so a large onnx
+    model's batches run one at a time, in one process.
     """
     if settings.batch_workers != "auto":
         return settings.batch_workers
@@ -175,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
         for batcher in batchers.values():
             batcher.start()
+        await asyncio.gather(*(batcher.ready() for batcher in batchers.values()))
         metrics.model_versions.labels("loaded").set(len(registry.loaded()))
         metrics.model_versions.labels("failed").set(len(registry.failed()))
         log.info(

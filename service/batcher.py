@@ -4,8 +4,9 @@ Whenever one of the version's batch workers is free, the task takes what is queu
 `max_batch_rows` rows or until `max_batch_delay_ms` has passed since the first request (by
 default no wait: it takes what queued while the previous batch ran, so a lone request is not
 held back and a busy server still fills its batches), and the worker makes ONE
-`model.sample` call for the batch on a thread of its own. With no workers (`batch_workers`
-0, a small model's default) batches are computed one at a time on the event loop's thread.
+`model.sample` call for the batch in a process of its own (service.workers). With no workers
+(`batch_workers` 0, a small model's default) batches are computed one at a time on the
+event loop's thread.
 
 Every row carries its request's seed, and draws depend only on the seed, so a seeded request
 gets the numbers it gets alone whatever it is batched with. Summaries are computed once per
@@ -22,7 +23,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +32,7 @@ from service.errors import ApiError
 from service.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
-from training.calibration import summarize
+from service.workers import Group, WorkerProcess, summarize_batch
 from training.summaries import Summary
 
 log = logging.getLogger("credence.batcher")
@@ -61,9 +61,9 @@ class Job:
 
 
 class Batcher:
-    """Queue, collecting task and inference threads of one model version."""
+    """Queue, collecting task and batch worker processes of one model version."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings, metrics: Metrics, workers: int = 1):
+    def __init__(self, loaded: LoadedModel, settings: Settings, metrics: Metrics, workers: int):
         self.loaded = loaded
         self.max_rows = settings.max_batch_rows
         self.delay_s = settings.max_batch_delay_ms / 1000
@@ -86,14 +86,29 @@ class Batcher:
         self._running: set[asyncio.Task] = set()  # batches being computed
         self.workers = workers  # 0: on the event loop's thread
         name = f"credence-{loaded.spec.name}-v{loaded.spec.version}"
-        self._executor = (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers else None
-        )
+        self.processes = [WorkerProcess(loaded, settings, f"{name}-{i}") for i in range(workers)]
+        # the free workers; None stands for the event loop's thread
+        self._idle: asyncio.Queue[WorkerProcess | None] = asyncio.Queue()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        for process in self.processes:
+            process.start()
+            self._idle.put_nowait(process)
+        if not self.processes:
+            self._idle.put_nowait(None)
         self._task = loop.create_task(self._run(), name=self.labels[0])
         self._expiry = loop.create_task(self._expire(), name=f"{self.labels[0]} deadlines")
+
+    async def ready(self) -> None:
+        """Wait for the worker processes to load the model (they start in parallel). One
+        that cannot is logged; it tries again on its first batch, which fails if it fails."""
+        outcomes = await asyncio.gather(
+            *(process.ready() for process in self.processes), return_exceptions=True
+        )
+        for process, outcome in zip(self.processes, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("%s could not start: %s", process.name, outcome)
 
     async def stop(self) -> None:
         for task in [self._task, self._expiry, *self._running]:
@@ -108,8 +123,8 @@ class Batcher:
         for job in pending:
             if not job.future.done():
                 job.future.set_exception(shutting)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in self.processes:
+            process.stop()
 
     @property
     def depth(self) -> int:
@@ -171,27 +186,31 @@ class Batcher:
         """Collect a batch whenever one of the `workers` is free, and compute it there; the
         queue fills while every worker is busy (or, with none, while the loop computes and
         the requests wait in the sockets), so a loaded server makes large batches."""
-        free = asyncio.Semaphore(max(self.workers, 1))
         while True:
-            await free.acquire()
+            worker = await self._idle.get()
             batch = [job for job in await self._collect() if not job.future.done()]
             self.depth_gauge.set(self.depth)
             if not batch:
-                free.release()
+                self._idle.put_nowait(worker)
                 continue
-            task = asyncio.get_running_loop().create_task(self._complete(batch))
+            task = asyncio.get_running_loop().create_task(self._complete(batch, worker))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
-            task.add_done_callback(lambda _: free.release())
+            task.add_done_callback(lambda _, free=worker: self._idle.put_nowait(free))
 
-    async def _complete(self, batch: list[Job]) -> None:
-        """Compute one batch (on a worker thread, if any) and hand each request its outcome."""
-        loop = asyncio.get_running_loop()
+    async def _complete(self, batch: list[Job], worker: WorkerProcess | None) -> None:
+        """Compute one batch (in a worker process, if any) and hand each request its outcome."""
+        start = time.perf_counter()
         try:
-            if self._executor is None:
-                outcomes = self._infer(batch)
+            x, seeds, groups, members = self._plan(batch)
+            if worker is None:
+                summaries = summarize_batch(self.loaded, x, seeds, groups)
             else:
-                outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
+                summaries = await worker.compute(x, seeds, groups)
+            outcomes = self._render(batch, groups, members, summaries)
+            self.batch_rows.observe(len(seeds))
+            self.batch_requests.observe(len(batch))
+            self.inference_seconds.observe(time.perf_counter() - start)
         except asyncio.CancelledError:  # stopping: answer now rather than at the deadline
             shutting = ApiError.single(503, "shutting_down", "the server is shutting down")
             for job in batch:
@@ -219,7 +238,7 @@ class Batcher:
         When batches are computed on the event loop, the requests that arrived during the
         last one wait unread in the sockets: before the batch closes, the loop gets
         LOOP_TURNS turns to read and parse them, so they join this batch instead of waiting
-        for the next (with worker threads the loop reads them while batches compute): at
+        for the next (with worker processes the loop reads them while batches compute): at
         concurrency 32 the small model's batches grew from 16 to 31 rows and it served 21%
         more requests per second (benchmarks/serve.py's server and client, 2 cores; one turn
         gave 28 rows, three 31.5). Idle, the turns cost microseconds.
@@ -228,7 +247,7 @@ class Batcher:
         first, self._carry = self._carry or await self.queue.get(), None
         batch, rows = [first], first.rows
         deadline = loop.time() + self.delay_s
-        turned = self.workers > 0  # worker threads: the loop has read them already
+        turned = self.workers > 0  # worker processes: the loop has read them already
         while rows < self.max_rows:
             try:
                 job = self.queue.get_nowait()
@@ -253,36 +272,45 @@ class Batcher:
             rows += job.rows
         return batch
 
-    def _infer(self, batch: list[Job]) -> list[bytes | BaseException]:
-        """One model call for the batch, then summaries per (num_samples, levels) group.
+    @staticmethod
+    def _plan(
+        batch: list[Job],
+    ) -> tuple[torch.Tensor, torch.Tensor, list[Group], list[list[int]]]:
+        """The batch's inputs and seeds (a row each), and its requests grouped by
+        (num_samples, levels): each group's rows (None: all of them) and its members.
 
         Per request it makes no torch call: on a small model each one is a measurable share
         of the batch (a seed tensor and a row index per request were a sixth of it)."""
-        start = time.perf_counter()
-        device, spec = self.loaded.device, self.loaded.spec
         x = batch[0].x if len(batch) == 1 else torch.cat([job.x for job in batch])
         seeds = torch.tensor([job.seed for job in batch for _ in range(job.rows)])
-        n_max = max(job.num_samples for job in batch)
-        draws = self.loaded.model.sample(x.to(device), n_max, seeds.to(device))
         offsets = [0]
-        groups: dict[tuple[int, tuple[float, ...]], list[int]] = {}
+        by_key: dict[tuple[int, tuple[float, ...]], list[int]] = {}
         for i, job in enumerate(batch):
             offsets.append(offsets[-1] + job.rows)
-            groups.setdefault((job.num_samples, job.levels), []).append(i)
-        outcomes: list[bytes | BaseException] = [None] * len(batch)  # type: ignore[list-item]
-        for (n, levels), members in groups.items():
-            selected = draws if n == n_max else draws[:n]
+            by_key.setdefault((job.num_samples, job.levels), []).append(i)
+        groups: list[Group] = []
+        for (n, levels), members in by_key.items():
+            rows = None
             if len(members) < len(batch):  # this group's rows only
                 rows = [row for i in members for row in range(offsets[i], offsets[i + 1])]
-                selected = selected[:, torch.tensor(rows, device=device)]
-            # the spec's calibration (if any) is applied here
-            summary = summarize(spec.task, selected, levels, spec.calibration)
-            if device.type != "cpu":
-                summary = {key: value.cpu() for key, value in summary.items()}
+            groups.append((n, levels, rows))
+        return x, seeds, groups, list(by_key.values())
+
+    def _render(
+        self,
+        batch: list[Job],
+        groups: list[Group],
+        members: list[list[int]],
+        summaries: list[Summary],
+    ) -> list[bytes | BaseException]:
+        """Each request's response from its group's summaries (a failure fails it alone)."""
+        spec = self.loaded.spec
+        outcomes: list[bytes | BaseException] = [None] * len(batch)  # type: ignore[list-item]
+        for (_, levels, _), indices, summary in zip(groups, members, summaries, strict=True):
             self._observe_uncertainty(summary)
             rendered = protocol.predictions(spec, summary, levels)
             start_row = 0
-            for i in members:
+            for i in indices:
                 part = slice(start_row, start_row + batch[i].rows)
                 start_row = part.stop
                 try:
@@ -292,9 +320,6 @@ class Batcher:
                     outcomes[i] = ApiError.single(
                         500, "render_failed", f"{type(exc).__name__}: {exc}"
                     )
-        self.batch_rows.observe(offsets[-1])
-        self.batch_requests.observe(len(batch))
-        self.inference_seconds.observe(time.perf_counter() - start)
         return outcomes
 
     def _observe_uncertainty(self, summary: Summary) -> None:

@@ -30,7 +30,7 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
     "max_queue": (int, "queued requests per model version before 503"),
     "request_timeout_s": (float, "deadline per request before 504"),
     "torch_threads": (int, "intra-op threads (0: 1)"),
-    "batch_workers": (str, "threads computing a model's batches (0: on the event loop; auto)"),
+    "batch_workers": (str, "processes computing a model's batches (0: on the event loop; auto)"),
     "backend": (str, "torch, or onnx (each checkpoint's model.onnx, from credence-export)"),
     "log_level": (str, "critical, error, warning, info or debug"),
     "access_log": (

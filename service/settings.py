@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     )
     batch_workers: Literal["auto"] | Annotated[int, Field(ge=0, le=64)] = Field(
         "auto",
-        description="threads computing one model version's batches, one batch each; 0: on "
-        "the event loop; auto: 0 for a small model, one per core for a large torch one, "
+        description="processes computing one model version's batches, one batch each; 0: "
+        "on the event loop; auto: 0 for a small model, one per core for a large torch one, "
         "1 for a large onnx one",
     )
     backend: Backend = Field("torch", description="torch, or onnx: each checkpoint's model.onnx")

@@ -4,9 +4,15 @@ bounded queues (503 + Retry-After) and deadlines (504)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import os
 import random
-import threading
+import shutil
+import signal
 import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +34,8 @@ from service.cpus import available_cores
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.registry import Registry
+from service.workers import WorkerProcess
+from training.checkpoint import WEIGHTS
 from training.summaries import summarize
 
 REG, CLF = "/v1/models/reg:predict", "/v1/models/clf:predict"
@@ -52,6 +60,24 @@ def slow_down(client: Client, model: str, seconds: float) -> None:
         return real(*args, **kwargs)
 
     loaded.model.sample = slow
+
+
+@contextlib.contextmanager
+def paused(*processes: WorkerProcess) -> Iterator[None]:
+    """Hold batch worker processes (SIGSTOP), so that their batches stay in flight."""
+    pids = [process.pid for process in processes]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # killed meanwhile
+                os.kill(pid, signal.SIGCONT)
+
+
+def worker_processes(client: Client, model: str) -> list[WorkerProcess]:
+    return client.app.state.batchers[(model, 1)].processes
 
 
 def test_concurrent_requests_share_model_calls(model_dir: Path) -> None:
@@ -134,19 +160,24 @@ def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_deadline_is_504_and_the_server_recovers(model_dir: Path, workers: int) -> None:
     settings = make_settings(model_dir, request_timeout_s=0.2, batch_workers=workers)
+    body = {"instances": [[0.0, 0.0, 0.0]]}
     with serve(settings) as live:
-        loaded = live.app.state.registry.resolve("reg")
-        real = loaded.model.sample
-        slow_down(live, "reg", 0.5)
-        started = time.monotonic()
-        late = live.post(REG, json={"instances": [[0.0, 0.0, 0.0]]})
-        waited = time.monotonic() - started
-        loaded.model.sample = real
-        time.sleep(0.4)  # let the slow batch finish
-        after = live.post(REG, json={"instances": [[0.0, 0.0, 0.0]]})
+        if workers:  # the batch is held in its process for as long as it is paused
+            with paused(*worker_processes(live, "reg")):
+                started = time.monotonic()
+                late = live.post(REG, json=body)
+                waited = time.monotonic() - started
+        else:  # on the event loop: the batch takes 0.5 s, and the loop with it
+            loaded = live.app.state.registry.resolve("reg")
+            real = loaded.model.sample
+            slow_down(live, "reg", 0.5)
+            late = live.post(REG, json=body)
+            loaded.model.sample = real
+        time.sleep(0.3)  # let the late batch finish
+        after = live.post(REG, json=body)
     assert late.status_code == 504
     assert late.json()["error"]["code"] == "deadline_exceeded"
-    if workers:  # on a worker thread the answer does not wait for the batch
+    if workers:  # in a worker process the answer does not wait for the batch
         assert waited < 0.45
     assert after.status_code == 200
 
@@ -163,27 +194,6 @@ def test_request_larger_than_the_row_budget_is_served_alone(model_dir: Path) -> 
         assert model_calls(live, "reg") == 3
 
 
-def count_concurrent_calls(client: Client, model: str, seconds: float) -> list[int]:
-    """Wrap the model's sample so that each call records how many calls were running."""
-    loaded = client.app.state.registry.resolve(model)
-    real, running, seen = loaded.model.sample, [0], []
-    lock = threading.Lock()
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor:
-        with lock:
-            running[0] += 1
-            seen.append(running[0])
-        time.sleep(seconds)  # long enough for the other batch to start, if it may
-        try:
-            return real(*args, **kwargs)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    loaded.model.sample = counted
-    return seen
-
-
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_batch_workers_compute_batches_side_by_side_with_the_same_answers(
     model_dir: Path, workers: int
@@ -196,10 +206,38 @@ def test_batch_workers_compute_batches_side_by_side_with_the_same_answers(
         expected = [reference.post(REG, json=body).json() for body in bodies]
     settings = make_settings(model_dir, max_batch_rows=2, batch_workers=workers)
     with serve(settings) as live:
-        seen = count_concurrent_calls(live, "reg", 0.2)
         responses = live.gather(*((REG, body) for body in bodies))
-    assert [r.json() for r in responses] == expected
-    assert len(seen) == 4 and max(seen) == max(workers, 1)  # one request per batch (2 rows)
+        assert [r.json() for r in responses] == expected
+        if not workers:
+            return
+        batcher = live.app.state.batchers[("reg", 1)]
+        with paused(*batcher.processes):  # one request per batch (2 rows)
+            pending = [
+                live.portal.start_task_soon(partial(live.client.post, REG, json=body))
+                for body in bodies[:2]
+            ]
+            time.sleep(0.5)
+            # each worker holds one batch; a second batch waits only when there is no
+            # second worker to take it
+            assert batcher.depth == 2 - workers
+        assert [p.result(timeout=30).json() for p in pending] == expected[:2]
+
+
+def test_a_worker_process_that_dies_fails_its_batch_and_is_replaced(model_dir: Path) -> None:
+    body = {"instances": [[0.0, 0.0, 0.0]], "parameters": {"seed": 3}}
+    with serve(make_settings(model_dir, batch_workers=1)) as live:
+        expected = live.post(REG, json=body).json()
+        (process,) = worker_processes(live, "reg")
+        with paused(process):
+            pending = live.portal.start_task_soon(partial(live.client.post, REG, json=body))
+            time.sleep(0.5)
+            os.kill(process.pid, signal.SIGKILL)
+            failed = pending.result(timeout=30)
+        again = live.post(REG, json=body)
+    assert failed.status_code == 500
+    error = failed.json()["error"]
+    assert error["code"] == "inference_failed" and "killed by signal 9" in error["message"], error
+    assert again.status_code == 200 and again.json() == expected
 
 
 def test_large_torch_models_get_a_batch_per_core_and_small_ones_the_event_loop(
@@ -218,25 +256,20 @@ def test_large_torch_models_get_a_batch_per_core_and_small_ones_the_event_loop(
 def test_stopping_answers_a_batch_in_flight_and_the_queue_with_503(model_dir: Path) -> None:
     settings = make_settings(model_dir, max_batch_rows=1)
     loaded = Registry.load(model_dir, torch.device("cpu"), settings).resolve("reg")
-    real = loaded.model.sample
-
-    def slow(*args: object, **kwargs: object) -> torch.Tensor:
-        time.sleep(0.5)
-        return real(*args, **kwargs)
-
-    loaded.model.sample = slow
 
     async def scenario() -> list[BaseException | bytes]:
-        batcher = Batcher(loaded, settings, Metrics())
+        batcher = Batcher(loaded, settings, Metrics(), 1)
         batcher.start()
+        await batcher.ready()
         x = torch.zeros(1, 3)
-        requests = [  # the first is computed; the second waits in the queue (1-row batches)
-            asyncio.create_task(batcher.submit(x, 10, (0.9,), seed, lambda _: b""))
-            for seed in (1, 2)
-        ]
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
-        await batcher.stop()
+        with paused(*batcher.processes):
+            requests = [  # the first is computed; the second waits in the queue (1-row batches)
+                asyncio.create_task(batcher.submit(x, 10, (0.9,), seed, lambda _: b""))
+                for seed in (1, 2)
+            ]
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            await batcher.stop()
         outcomes = await asyncio.gather(*requests, return_exceptions=True)
         assert time.monotonic() - started < 5  # answered at once, not at the 30 s deadline
         return outcomes
@@ -246,13 +279,39 @@ def test_stopping_answers_a_batch_in_flight_and_the_queue_with_503(model_dir: Pa
     assert {o.problems[0].code for o in outcomes} == {"shutting_down"}
 
 
+def test_a_worker_that_cannot_load_the_model_fails_its_batches_saying_why(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(model_dir)
+    loaded = Registry.load(model_dir, torch.device("cpu"), settings).resolve("reg")
+    gone = shutil.copytree(loaded.path, tmp_path / "reg" / "1")
+    loaded = dataclasses.replace(loaded, path=gone)
+    (gone / WEIGHTS).unlink()  # after the server loaded it, before its worker could
+
+    async def scenario() -> BaseException | bytes:
+        batcher = Batcher(loaded, settings, Metrics(), 1)
+        batcher.start()
+        await batcher.ready()  # logs the failure and serves on
+        try:
+            return await batcher.submit(torch.zeros(1, 3), 10, (0.9,), 1, lambda _: b"")
+        except ApiError as error:
+            return error
+        finally:
+            await batcher.stop()
+
+    outcome = asyncio.run(scenario())
+    assert isinstance(outcome, ApiError) and outcome.status == 500, outcome
+    assert outcome.problems[0].code == "inference_failed"
+    assert "loading" in outcome.problems[0].message and WEIGHTS in outcome.problems[0].message
+
+
 @pytest.mark.parametrize(("workers", "joined"), [(0, True), (1, False)])
 def test_a_batch_on_the_loop_waits_a_turn_for_requests_being_read(
     model_dir: Path, workers: int, joined: bool
 ) -> None:
     """A request parsed in the loop turn after the batch opened joins it when batches are
     computed on the loop (it was waiting in its socket while the last batch computed); with
-    worker threads the loop has read it already, so the batch does not wait for it."""
+    worker processes the loop has read it already, so the batch does not wait for it."""
     settings = make_settings(model_dir, max_batch_delay_ms=0)
     loaded = Registry.load(model_dir, torch.device("cpu"), settings).resolve("reg")
 
