@@ -7,19 +7,19 @@ the model's own CPU time per batch went from 20.6 to 28.3 ms while another threa
 process held the GIL 30% of the time. A process has a GIL of its own, and a batch crosses
 the pipe as a few kilobytes: its inputs one way, its summaries the other.
 
-Messages are length-prefixed JSON headers followed by safetensors bytes: nothing is pickled.
+Messages go over a socket pair, each an 8-byte length and then a length-prefixed JSON header
+followed by safetensors bytes: nothing is pickled. The server's end is an asyncio stream, so
+a large batch never blocks the event loop on a full socket buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import multiprocessing
 import signal
+import socket
 import struct
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import orjson
@@ -31,8 +31,6 @@ from service.registry import LoadedModel, load_version
 from service.settings import Settings
 from training.calibration import summarize
 from training.summaries import Summary
-
-log = logging.getLogger("credence.workers")
 
 # (num_samples, credible levels, the batch rows of the group's requests or None for all)
 Group = tuple[int, tuple[float, ...], list[int] | None]
@@ -66,20 +64,20 @@ class WorkerError(RuntimeError):
 
 
 class WorkerProcess:
-    """One process computing a model version's batches, one at a time, over a pipe."""
+    """One process computing a model version's batches, one at a time, over a socket."""
 
     def __init__(self, loaded: LoadedModel, settings: Settings, name: str):
         self.loaded, self.settings, self.name = loaded, settings, name
-        self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._ready = False
+        self._socket: socket.socket | None = None
+        self._stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     def start(self) -> None:
         """Spawn the process (a fresh interpreter: forking a process that runs threads and
         torch is unsafe); it loads the model from its checkpoint, as the server did."""
         self.stop()  # a predecessor that died or could not load
         context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
+        self._socket, child = socket.socketpair()
         args = (child, str(self.loaded.path), self.loaded.device, self.settings)
         self._process = context.Process(target=_serve, args=args, name=self.name, daemon=True)
         self._process.start()
@@ -92,13 +90,13 @@ class WorkerProcess:
             self.stop()
         if self._process is None:
             self.start()
-        if not self._ready:
+        if self._stream is None:
+            self._stream = await asyncio.open_connection(sock=self._socket)
             try:
                 await self._receive()
             except WorkerError:
                 self.stop()
                 raise
-            self._ready = True
 
     async def compute(
         self, x: torch.Tensor, seeds: torch.Tensor, groups: Sequence[Group]
@@ -107,14 +105,15 @@ class WorkerProcess:
         await self.ready()
         header = {"groups": [[n, list(levels), rows] for n, levels, rows in groups]}
         try:
-            self._conn.send_bytes(_frame(header, {"x": x.contiguous(), "seeds": seeds}))
-        except OSError:  # it died since it was last seen alive
-            raise self._died() from None
-        try:
+            writer = self._stream[1]
+            writer.write(_message(_frame(header, {"x": x.contiguous(), "seeds": seeds})))
+            await writer.drain()
             tensors = await self._receive()
         except asyncio.CancelledError:  # its answer would be read as the next batch's
             self.stop()
             raise
+        except (ConnectionError, asyncio.IncompleteReadError):
+            raise self._died() from None
         summaries: list[Summary] = [{} for _ in groups]
         for key, value in tensors.items():  # "{group}.{field}"
             index, name = key.split(".", 1)
@@ -122,44 +121,44 @@ class WorkerProcess:
         return summaries
 
     async def _receive(self) -> dict[str, torch.Tensor]:
-        loop = asyncio.get_running_loop()
-        readable = loop.create_future()
-        fd = self._conn.fileno()
-        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        reader = self._stream[0]
         try:
-            await readable
-        finally:
-            loop.remove_reader(fd)
-        try:
-            header, tensors = _unframe(self._conn.recv_bytes())
-        except (EOFError, OSError):
+            (size,) = struct.unpack("<Q", await reader.readexactly(8))
+            header, tensors = _unframe(await reader.readexactly(size))
+        except (ConnectionError, asyncio.IncompleteReadError):
             raise self._died() from None
         if "error" in header:
             raise WorkerError(header["error"])
         return tensors
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     def _died(self) -> WorkerError:
         code = self.stop()
         how = f"was killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
         return WorkerError(f"{self.name} {how}; it restarts for the next batch")
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> int | None:
         """Kill the process and return its exit code: it holds nothing to flush, and a batch
         it is computing (or a process stopped by a signal) must not hold up a shutdown."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        code, process, self._process, self._ready = None, self._process, None, False
+        if self._stream is not None:
+            self._stream[1].close()
+        elif self._socket is not None:
+            self._socket.close()
+        self._stream = self._socket = None
+        code, process, self._process = None, self._process, None
         if process is not None:
             if process.is_alive():
                 process.kill()
             process.join()
             code = process.exitcode
         return code
+
+
+def _message(payload: bytes) -> bytes:
+    return struct.pack("<Q", len(payload)) + payload
 
 
 def _frame(header: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
@@ -174,22 +173,19 @@ def _unframe(message: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     return header, (load_tensors(body) if body else {})
 
 
-def _serve(conn: Connection, path: str, device: torch.device, settings: Settings) -> None:
+def _serve(sock: socket.socket, path: str, device: torch.device, settings: Settings) -> None:
     """The worker process: load the model, then answer batches until the server is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which stops us
     torch.set_num_threads(settings.torch_threads or 1)
     try:
         loaded = load_version(Path(path), device, settings)
     except Exception as exc:
-        conn.send_bytes(_frame({"error": f"loading {path}: {type(exc).__name__}: {exc}"}))
+        sock.sendall(_message(_frame({"error": f"loading {path}: {type(exc).__name__}: {exc}"})))
         return
-    conn.send_bytes(_frame({}))
+    sock.sendall(_message(_frame({})))
     with torch.inference_mode():
-        while True:
-            try:
-                header, tensors = _unframe(conn.recv_bytes())
-            except (EOFError, OSError):  # the server closed the pipe or exited
-                return
+        while (message := _receive_blocking(sock)) is not None:
+            header, tensors = _unframe(message)
             groups = [(n, tuple(levels), rows) for n, levels, rows in header["groups"]]
             try:
                 summaries = summarize_batch(loaded, tensors["x"], tensors["seeds"], groups)
@@ -201,5 +197,27 @@ def _serve(conn: Connection, path: str, device: torch.device, settings: Settings
                 reply = _frame({}, fields)
             except Exception as exc:
                 reply = _frame({"error": f"{type(exc).__name__}: {exc}"})
-            with contextlib.suppress(OSError):
-                conn.send_bytes(reply)
+            try:
+                sock.sendall(_message(reply))
+            except OSError:  # the server is gone
+                return
+
+
+def _receive_blocking(sock: socket.socket) -> bytes | None:
+    """One message, or None when the server closed its end or exited."""
+    head = _read_exactly(sock, 8)
+    return None if head is None else _read_exactly(sock, struct.unpack("<Q", head)[0])
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        try:
+            n = sock.recv_into(view[got:])
+        except OSError:
+            return None
+        if n == 0:
+            return None
+        got += n
+    return bytes(buffer)
