@@ -9,6 +9,7 @@ weights) in a temporary model dir of its own, one instance per request:
 For each workload, one server at a time on 127.0.0.1, each in its own subprocess:
 
     credence  .venv/bin/credence-serve --model-dir DIR --port P --log-level warning
+    credence-bf16  the same with --precision bfloat16 (large workload only)
     ceiling   bare FastAPI + uvicorn (uvloop, httptools, no access log), same route, parses
               the JSON body and returns a precomputed body captured from Credence (no model)
     floor     the ceiling as a plain ASGI app on the same uvicorn, without FastAPI
@@ -22,9 +23,9 @@ flight for a fixed window after a warm-up. Then Credence, and the ceiling for re
 three open-loop runs each: Poisson arrivals at 70% of Credence's best closed-loop rate,
 latency from each scheduled arrival.
 
-Before any server starts, the benchmark's own process times torch's fp32 matmul of the
-large model's big layer ([2048, 1024] x [1024, 1024]) to report the large workload's model
-FLOP rate as a fraction of what this machine's matmul reaches.
+Before any server starts, the benchmark's own process times torch's matmul (float32 and
+bfloat16) of the large model's big layer ([2048, 1024] x [1024, 1024]) to report the large
+workload's model FLOP rate as a fraction of what this machine's matmul reaches.
 
     .venv/bin/python benchmarks/serve.py [--quick] [--workload small|large|both]
 
@@ -65,7 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
-SERVERS = ("credence", "ceiling", "floor", "naive")
+SERVERS = ("credence", "credence-bf16", "ceiling", "floor", "naive")
+BF16 = "credence-bf16"  # compute-bound workloads only: --precision bfloat16
 START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 OPEN_LOOP_LOAD = 0.7  # open-loop rate as a fraction of Credence's best closed-loop rate
@@ -182,20 +184,21 @@ def build_checkpoint(workload: Workload, model_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- matmul rate
 
 
-def matmul_rate(repeats: int = 20, warmup: int = 5) -> dict[str, Any]:
-    """This machine's fp32 matmul rate in the large model's big-layer shape.
+def matmul_rate(dtype: str = "float32", repeats: int = 20, warmup: int = 5) -> dict[str, Any]:
+    """This machine's matmul rate in the large model's big-layer shape.
 
-    It is what the large workload's achieved model FLOP rate is measured against: the best
-    of several timed runs after warm-up, at torch's default thread count, taken before any
-    server starts so nothing else of the benchmark competes for the cores.
+    It is what the large workload's achieved model FLOP rate is measured against (float32;
+    bfloat16 for Credence serving in bfloat16): the best of several timed runs after
+    warm-up, at torch's default thread count, taken before any server starts so nothing
+    else of the benchmark competes for the cores.
     """
     import torch
 
     m, k, n = MATMUL_SHAPE
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen)
-    b = torch.randn(k, n, generator=gen)
-    out = torch.empty(m, n)
+    a = torch.randn(m, k, generator=gen).to(getattr(torch, dtype))
+    b = torch.randn(k, n, generator=gen).to(a.dtype)
+    out = torch.empty(m, n, dtype=a.dtype)
     for _ in range(warmup):
         torch.matmul(a, b, out=out)
     times = []
@@ -206,6 +209,7 @@ def matmul_rate(repeats: int = 20, warmup: int = 5) -> dict[str, Any]:
     flops = 2 * m * k * n
     return {
         "shape": f"[{m}, {k}] x [{k}, {n}]",
+        "dtype": dtype,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "best_ms": min(times) * 1e3,
@@ -371,9 +375,10 @@ def serve(kind: str, workload: Workload, port: int, model_dir: Path) -> None:
 
 
 def server_command(kind: str, workload: Workload, port: int, model_dir: Path) -> list[str]:
-    if kind == "credence":
+    if kind in ("credence", BF16):
         exe = str(Path(sys.executable).with_name("credence-serve"))
         args = ["--model-dir", str(model_dir), "--host", HOST, "--port", str(port)]
+        args += ["--precision", "bfloat16"] if kind == BF16 else []
         return [exe, *args, "--log-level", "warning"]
     args = ["--serve", kind, "--workload", workload.name, "--port", str(port)]
     return [sys.executable, __file__, *args, "--model-dir", str(model_dir)]
@@ -699,12 +704,16 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}"
 
 
-def add_flop_rates(workload: Workload, results: dict[str, list[dict]], matmul: dict) -> None:
-    """Model FLOP rate = req/s x FLOPs per request, and its share of the matmul rate."""
-    for server in ("credence", "naive"):
+def add_flop_rates(
+    workload: Workload, results: dict[str, list[dict]], matmul: dict[str, dict]
+) -> None:
+    """Model FLOP rate = req/s x FLOPs per request, and its share of the matmul rate in the
+    precision the server computes in."""
+    for server in ("credence", BF16, "naive"):
+        reference = matmul["bfloat16" if server == BF16 else "float32"]
         for r in results.get(server, []):
             r["model_gflops"] = r["rps"] * workload.flops_per_request / 1e9
-            r["fraction_of_matmul"] = r["model_gflops"] / matmul["gflops"]
+            r["fraction_of_matmul"] = r["model_gflops"] / reference["gflops"]
 
 
 def table(workload: Workload, results: dict[str, list[dict]]) -> str:
@@ -787,6 +796,8 @@ def run_workload(
         model_dir = Path(tmp)
         build_checkpoint(workload, model_dir)
         for server in SERVERS:
+            if server == BF16 and not workload.report_flops:
+                continue
             port = free_port()
             proc = subprocess.Popen(
                 server_command(server, workload, port, model_dir), stdin=subprocess.DEVNULL
@@ -852,7 +863,7 @@ def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | No
     ]
     if w.report_flops and matmul:
         later = " + ".join(f"{a}x{b}" for a, b in itertools.pairwise(w.widths[1:]))
-        m = matmul
+        m, b = matmul["float32"], matmul["bfloat16"]
         lines += [
             "",
             f"Model FLOPs per request = 2 x ({w.widths[0]}x{w.widths[1]} + {w.num_samples} x "
@@ -865,6 +876,10 @@ def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | No
             f"{m['gflops']:.1f} GFLOP/s: the best of {m['repeats']} timed {m['shape']} matmuls",
             f"after warm-up at torch's default {m['threads']} threads, in the benchmark's own",
             f"process before any server started (median {m['median_gflops']:.1f} GFLOP/s).",
+            f"For **{BF16}** (Credence with `--precision bfloat16`: the layers in bfloat16,",
+            "products accumulated in float32 on this CPU's AMX units) it divides by the",
+            f"bfloat16 matmul rate, {b['gflops']:.1f} GFLOP/s, timed the same way (median",
+            f"{b['median_gflops']:.1f}): each server against what its arithmetic can reach.",
         ]
     lines += ["", table(w, data["results"]), ""]
     o = data["open_loop"]
@@ -884,12 +899,13 @@ def main_bench(args: argparse.Namespace) -> None:
     started = time.monotonic()
     matmul = None
     if any(w.report_flops for w in workloads):  # before any server: nothing else running
-        matmul = matmul_rate()
-        print(
-            f"matmul {matmul['shape']} fp32, {matmul['threads']} threads: best "
-            f"{matmul['gflops']:.1f} GFLOP/s, median {matmul['median_gflops']:.1f}",
-            flush=True,
-        )
+        matmul = {dtype: matmul_rate(dtype) for dtype in ("float32", "bfloat16")}
+        for m in matmul.values():
+            print(
+                f"matmul {m['shape']} {m['dtype']}, {m['threads']} threads: best "
+                f"{m['gflops']:.1f} GFLOP/s, median {m['median_gflops']:.1f}",
+                flush=True,
+            )
     sections: dict[str, dict[str, Any]] = {}
     for w in workloads:
         data = run_workload(w, concurrencies, warmup_s, duration_s)
@@ -956,6 +972,7 @@ in its own process, with a checkpoint dir holding only that workload's model:
   otherwise: dynamic batching; the small model's batches computed one at a time on the
   event loop's thread, the large one's one per core in a worker process each, one torch
   thread per batch; the server's CPU time includes its worker processes').
+- **credence-bf16** (large workload only): the same with `--precision bfloat16`.
 - **ceiling**: bare FastAPI + uvicorn (uvloop, httptools, access log off) on the same
   route; parses the JSON body and returns a body captured from Credence for that workload.
   No model: the most a FastAPI route can do on this machine.

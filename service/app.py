@@ -81,6 +81,7 @@ def version_state(model: LoadedModel | FailedModel) -> dict:
         "version": model.spec.version,
         "state": "loaded",
         "device": str(model.device),
+        "precision": model.precision,
         "created_at": manifest.get("created_at"),
         "metrics": manifest.get("metrics"),
     }

@@ -140,6 +140,7 @@ class LoadedModel:
     device: torch.device
     path: Path
     small: bool = False  # training.fit.is_small: its batches are many small ops
+    precision: str = "float32"  # of the layers: float32 or bfloat16 (settings.precision)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -182,11 +183,23 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
         device = torch.device("cpu")
     module = checkpoint.build(device)
     small = is_small(module)
+    precision = "float32"
+    if settings.precision == "bfloat16":
+        if hasattr(module, "to_bfloat16"):
+            module, precision = module.to_bfloat16(), "bfloat16"
+        else:
+            log.warning(
+                "%s v%d: precision bfloat16 applies to MC-dropout models; this %s model "
+                "serves in float32",
+                spec.name,
+                spec.version,
+                spec.method,
+            )
     model: Sampler = module
     if settings.backend == "onnx":
         model = load_onnx(checkpoint, settings.torch_threads, small)
     check_model(model, spec, device)
-    return LoadedModel(spec, model, device, path, small=small)
+    return LoadedModel(spec, model, device, path, small=small, precision=precision)
 
 
 class Registry:

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 Backend = Literal["torch", "onnx"]
+Precision = Literal["float32", "bfloat16"]
 
 
 class Settings(BaseSettings):
@@ -53,6 +54,11 @@ class Settings(BaseSettings):
         "1 for a large onnx one",
     )
     backend: Backend = Field("torch", description="torch, or onnx: each checkpoint's model.onnx")
+    precision: Precision = Field(
+        "float32",
+        description="bfloat16: MC-dropout models' layers in bfloat16, products accumulated in "
+        "float32 (AMX CPUs, CUDA); other models stay float32",
+    )
     log_level: LogLevel = "info"
     access_log: bool = Field(
         False, description="a log line per HTTP request (at log level info); metrics count them"
@@ -66,7 +72,7 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {value!r}")
         return value
 
-    @field_validator("log_level", "backend", mode="before")
+    @field_validator("log_level", "backend", "precision", mode="before")
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -77,6 +83,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"backend onnx runs on onnxruntime's CPU provider; device {self.device!r} "
                 "needs backend torch (or use device auto or cpu)"
+            )
+        if self.backend == "onnx" and self.precision != "float32":
+            raise ValueError(
+                f"backend onnx runs the exported float32 graph; precision {self.precision!r} "
+                "needs backend torch"
             )
         return self
 

@@ -6,6 +6,8 @@ because the contract is about how draws are made, not about what was learned.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -120,6 +122,19 @@ def test_mc_dropout_draws_do_not_depend_on_the_chunks_they_are_computed_in(
     whole = model.sample(x, 10, seeds)  # 10 draws x 5 rows x 8 units: one chunk by default
     monkeypatch.setattr(training.model, "CHUNK_BYTES", budget)
     torch.testing.assert_close(model.sample(x, 10, seeds), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_mc_dropout_in_bfloat16_draws_what_float32_draws_to_bfloat16_rounding():
+    model = _model("mc_dropout")
+    x, seeds = _inputs("mc_dropout", 6), torch.tensor([3, 9, 3, 1, 4, 1])
+    full = model.sample(x, 40, seeds)
+    half = copy.deepcopy(model).to_bfloat16().sample(x, 40, seeds)
+    assert half.dtype == torch.float32  # the head and the normalization stay float32
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 per value, a few layers of
+    # it); a different dropout mask would move a draw by the size of a unit's contribution
+    scale = full.abs().max().item()
+    torch.testing.assert_close(half, full, rtol=0.02, atol=0.02 * scale)
+    assert not torch.equal(half, full)  # it really ran in bfloat16
 
 
 def test_different_seeds_get_independent_draws(case):

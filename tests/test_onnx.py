@@ -347,3 +347,5 @@ def test_backend_setting_from_environment_and_flag(monkeypatch: pytest.MonkeyPat
         Settings(backend="tensorrt")
     with pytest.raises(ValidationError, match="backend onnx runs on onnxruntime's CPU"):
         Settings(backend="onnx", device="cuda")
+    with pytest.raises(ValidationError, match="precision 'bfloat16' needs backend torch"):
+        Settings(backend="onnx", precision="bfloat16")

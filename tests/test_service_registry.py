@@ -120,3 +120,31 @@ def test_a_loaded_model_knows_whether_it_is_small(tmp_path: Path) -> None:
         save_checkpoint(model, tmp_path, name, regression_manifest())
     registry = Registry.load(tmp_path, torch.device("cpu"), make_settings(tmp_path))
     assert {m.spec.name: m.small for m in registry.loaded()} == {"narrow": True, "wide": False}
+
+
+def test_bfloat16_precision_serves_mc_dropout_in_bfloat16_and_other_methods_in_float32(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    save_checkpoint(regression_model(), tmp_path, "dropout", regression_manifest())
+    torch.manual_seed(0)
+    variational = build_model(
+        {
+            "method": "variational",
+            "arch": {"in_features": 3, "hidden": [8]},
+            "likelihood": {"kind": "gaussian", "num_targets": 1, "noise": "homoscedastic"},
+        },
+        {"x_mean": [0.0] * 3, "x_std": [1.0] * 3, "y_mean": [0.5], "y_std": [2.0]},
+    )
+    save_checkpoint(variational, tmp_path, "bayes", regression_manifest())
+    settings = make_settings(tmp_path, precision="BFloat16")
+    registry = Registry.load(tmp_path, torch.device("cpu"), settings)
+    dropout, bayes = registry.resolve("dropout"), registry.resolve("bayes")
+    assert dropout.precision == "bfloat16"
+    assert dropout.model.layers[0].weight.dtype == torch.bfloat16
+    assert bayes.precision == "float32"
+    assert "bayes v1: precision bfloat16 applies to MC-dropout models" in caplog.text
+    float32 = Registry.load(tmp_path, torch.device("cpu"), make_settings(tmp_path))
+    x, seeds = torch.randn(5, 3), torch.arange(5)
+    full = float32.resolve("dropout").model.sample(x, 30, seeds)
+    half = dropout.model.sample(x, 30, seeds)
+    torch.testing.assert_close(half, full, rtol=0.02, atol=0.02 * full.abs().max().item())

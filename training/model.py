@@ -25,6 +25,7 @@ from training.likelihoods import CategoricalHead, GaussianHead, build_head
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
 # Inference on fresh tensors: no autograd, so no need for a new output per activation
 IN_PLACE_ACTIVATIONS = {"relu": torch.relu_, "tanh": torch.tanh_, "gelu": F.gelu}
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 CHUNK_BYTES = 1 << 20  # per activation tensor, half a core's L2 on the benchmark machine
 
 
@@ -83,7 +84,9 @@ class PosteriorModel(nn.Module):
 
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        draws = self.head.per_draw(self.raw_draws(self.normalizer.inputs(x), n, seeds))
+        raw = self.raw_draws(self.normalizer.inputs(x), n, seeds)
+        # a body in bfloat16 (MCDropoutMLP.to_bfloat16) hands the head float32
+        draws = self.head.per_draw(raw.to(torch.promote_types(raw.dtype, torch.float32)))
         if isinstance(self.head, GaussianHead):
             return self.normalizer.gaussian_draws(draws)
         return draws
@@ -112,6 +115,13 @@ class MCDropoutMLP(PosteriorModel):
     def _dropped(self, i: int) -> bool:
         return self.p > 0 and (i > 0 or self.input_dropout)
 
+    def to_bfloat16(self) -> MCDropoutMLP:
+        """Serve in bfloat16: the layers' weights and activations (products accumulate in
+        float32 on AMX and tensor cores), not the normalization or the likelihood head, so
+        inputs are standardized and draws rescaled in float32. Masks are the same bits."""
+        self.layers.to(torch.bfloat16)
+        return self
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = z
         for i, layer in enumerate(self.layers):
@@ -134,7 +144,7 @@ class MCDropoutMLP(PosteriorModel):
             (layer, rng.draw_keys(unique, n, stream=i) if self._dropped(i) else None)
             for i, layer in enumerate(self.layers)
         ]
-        h = z
+        h = z.to(self.layers[0].weight.dtype)
         while plan and plan[0][1] is None:  # before the first dropout: the same for every draw
             layer, _ = plan.pop(0)
             h = _linear(h, layer, 1.0, activation if plan else None)
@@ -179,14 +189,13 @@ def _dropout(
 ) -> torch.Tensor:
     """h [1 or n, B, W] times the keep masks [n, U, W] of the keys (rows map to keys by row_of).
 
-    float32 goes through the mask's bits (one AND); other dtypes multiply.
+    The masks' words (all ones or zeros) AND the activations' bits: one pass, no multiply.
     """
     bits = rng.bernoulli_bits(keys, h.shape[-1], keep)
     if row_of is not None:
         bits = bits[:, row_of]
-    if h.dtype != torch.float32:
-        return h * (bits != 0)
-    return bits.bitwise_and_(h.view(torch.int32)).view(torch.float32)
+    word = _SAME_SIZE_INT[h.element_size()]
+    return bits.to(word).bitwise_and_(h.view(word)).view(h.dtype)
 
 
 MODEL_TYPES: dict[str, type[PosteriorModel]] = {MCDropoutMLP.method: MCDropoutMLP}
