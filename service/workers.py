@@ -4,12 +4,12 @@ A batch computed on a thread of the server's process pays for the GIL at every t
 each op releases it and takes it back, against the event loop's thread parsing requests.
 Measured on 2 cores (784-1024-1024-10 at 64 draws, 16-row batches, one thread per batch):
 the model's own CPU time per batch went from 20.6 to 28.3 ms while another thread of the
-process held the GIL 30% of the time. A process has a GIL of its own, and a batch crosses
-the pipe as a few kilobytes: its inputs one way, its summaries the other.
+process held the GIL 30% of the time. A process has a GIL of its own, and a batch crosses a
+socket as a few kilobytes: its inputs one way, its summaries the other.
 
-Messages go over a socket pair, each an 8-byte length and then a length-prefixed JSON header
-followed by safetensors bytes: nothing is pickled. The server's end is an asyncio stream, so
-a large batch never blocks the event loop on a full socket buffer.
+A message is its length (8 bytes), its JSON header's length (4 bytes), the header, then
+safetensors bytes: nothing is pickled. The server's end is an asyncio stream, so a large
+batch never blocks the event loop on a full socket buffer.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class WorkerProcess:
         header = {"groups": [[n, list(levels), rows] for n, levels, rows in groups]}
         try:
             writer = self._stream[1]
-            writer.write(_message(_frame(header, {"x": x.contiguous(), "seeds": seeds})))
+            writer.write(_encode(header, {"x": x.contiguous(), "seeds": seeds}))
             await writer.drain()
             tensors = await self._receive()
         except asyncio.CancelledError:  # its answer would be read as the next batch's
@@ -127,7 +127,7 @@ class WorkerProcess:
         reader = self._stream[0]
         try:
             (size,) = struct.unpack("<Q", await reader.readexactly(8))
-            header, tensors = _unframe(await reader.readexactly(size))
+            header, tensors = _decode(await reader.readexactly(size))
         except (ConnectionError, asyncio.IncompleteReadError):
             raise self._died() from None
         if "error" in header:
@@ -160,16 +160,14 @@ class WorkerProcess:
         return code
 
 
-def _message(payload: bytes) -> bytes:
-    return struct.pack("<Q", len(payload)) + payload
-
-
-def _frame(header: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+def _encode(header: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
     head = orjson.dumps(header)
-    return struct.pack("<I", len(head)) + head + (save_tensors(tensors) if tensors else b"")
+    body = save_tensors(tensors) if tensors else b""
+    return struct.pack("<QI", 4 + len(head) + len(body), len(head)) + head + body
 
 
-def _unframe(message: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+def _decode(message: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A message after its 8-byte length."""
     (size,) = struct.unpack_from("<I", message)
     header = orjson.loads(message[4 : 4 + size])
     body = message[4 + size :]
@@ -183,11 +181,11 @@ def _serve(sock: socket.socket, path: str, device: torch.device, settings: Setti
     try:
         loaded = load_version(Path(path), device, settings)
     except Exception as exc:
-        sock.sendall(_message(_frame({"error": f"loading {path}: {type(exc).__name__}: {exc}"})))
+        sock.sendall(_encode({"error": f"loading {path}: {type(exc).__name__}: {exc}"}))
         return
-    sock.sendall(_message(_frame({})))
+    sock.sendall(_encode({}))
     while (message := _receive_blocking(sock)) is not None:
-        header, tensors = _unframe(message)
+        header, tensors = _decode(message)
         groups = [(n, tuple(levels), rows) for n, levels, rows in header["groups"]]
         try:
             summaries = summarize_batch(loaded, tensors["x"], tensors["seeds"], groups)
@@ -196,11 +194,11 @@ def _serve(sock: socket.socket, path: str, device: torch.device, settings: Setti
                 for i, summary in enumerate(summaries)
                 for name, value in summary.items()
             }
-            reply = _frame({}, fields)
+            reply = _encode({}, fields)
         except Exception as exc:
-            reply = _frame({"error": f"{type(exc).__name__}: {exc}"})
+            reply = _encode({"error": f"{type(exc).__name__}: {exc}"})
         try:
-            sock.sendall(_message(reply))
+            sock.sendall(reply)
         except OSError:  # the server is gone
             return
 

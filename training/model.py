@@ -24,6 +24,7 @@ from training.likelihoods import CategoricalHead, GaussianHead, build_head
 
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
 # Inference on fresh tensors: no autograd, so no need for a new output per activation
+# (gelu has no in-place form)
 IN_PLACE_ACTIVATIONS = {"relu": torch.relu_, "tanh": torch.tanh_, "gelu": F.gelu}
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 CHUNK_BYTES = 1 << 20  # per activation tensor, half a core's L2 on the benchmark machine
