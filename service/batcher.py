@@ -130,6 +130,11 @@ class Batcher:
     def depth(self) -> int:
         return self.queue.qsize() + (self._carry is not None)
 
+    @property
+    def in_flight(self) -> int:
+        """Batches being computed."""
+        return len(self._running)
+
     async def submit(
         self,
         x: torch.Tensor,

@@ -176,7 +176,11 @@ def _decode(message: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _serve(sock: socket.socket, path: str, device: torch.device, settings: Settings) -> None:
     """The worker process: load the model, then answer batches until the server is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which stops us
+    # Ctrl-C, or a SIGTERM sent to the whole process group, stops the server, which answers
+    # what is in flight and then stops its workers; a worker whose server is gone sees its
+    # socket close and exits.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(settings.torch_threads or 1)
     try:
         loaded = load_version(Path(path), device, settings)

@@ -11,7 +11,7 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,6 +78,14 @@ def paused(*processes: WorkerProcess) -> Iterator[None]:
 
 def worker_processes(client: Client, model: str) -> list[WorkerProcess]:
     return client.app.state.batchers[(model, 1)].processes
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    """Poll until the condition holds (a loaded CI machine may take its time)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
 
 
 def test_concurrent_requests_share_model_calls(model_dir: Path) -> None:
@@ -177,8 +185,8 @@ def test_deadline_is_504_and_the_server_recovers(model_dir: Path, workers: int) 
         after = live.post(REG, json=body)
     assert late.status_code == 504
     assert late.json()["error"]["code"] == "deadline_exceeded"
-    if workers:  # in a worker process the answer does not wait for the batch
-        assert waited < 0.45
+    if workers:  # the paused batch never finished: the deadline answered, in time
+        assert waited < 2
     assert after.status_code == 200
 
 
@@ -216,10 +224,11 @@ def test_batch_workers_compute_batches_side_by_side_with_the_same_answers(
                 live.portal.start_task_soon(partial(live.client.post, REG, json=body))
                 for body in bodies[:2]
             ]
-            time.sleep(0.5)
             # each worker holds one batch; a second batch waits only when there is no
             # second worker to take it
-            assert batcher.depth == 2 - workers
+            wait_until(lambda: batcher.in_flight + batcher.depth == 2)
+            time.sleep(0.2)  # time enough for a second worker to take the queued one
+            assert (batcher.in_flight, batcher.depth) == (workers, 2 - workers)
         assert [p.result(timeout=30).json() for p in pending] == expected[:2]
 
 
@@ -228,9 +237,10 @@ def test_a_worker_process_that_dies_fails_its_batch_and_is_replaced(model_dir: P
     with serve(make_settings(model_dir, batch_workers=1)) as live:
         expected = live.post(REG, json=body).json()
         (process,) = worker_processes(live, "reg")
+        batcher = live.app.state.batchers[("reg", 1)]
         with paused(process):
             pending = live.portal.start_task_soon(partial(live.client.post, REG, json=body))
-            time.sleep(0.5)
+            wait_until(lambda: batcher.in_flight == 1)  # the batch is in the process
             os.kill(process.pid, signal.SIGKILL)
             failed = pending.result(timeout=30)
         again = live.post(REG, json=body)
