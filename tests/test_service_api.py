@@ -105,6 +105,8 @@ def test_model_listing_and_detail(client: Client) -> None:
     assert detail["num_samples"] == {"default": 50, "max": 500}
     assert detail["metrics"] == {"test_rmse": 0.5}
     assert detail["versions"][0]["state"] == "loaded"
+    assert detail["versions"][0]["device"] == "cpu"
+    assert detail["versions"][0]["precision"] == "float32"
     assert client.get("/v1/models/clf").json()["output"]["names"] == CLASSES
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Client, make_settings, regression_manifest, regression_model
+from conftest import Client, make_settings, regression_manifest, regression_model, serve
 
 from service.registry import FailedModel, LoadedModel, Registry, parse_spec
 from service.settings import Settings
@@ -148,3 +148,10 @@ def test_bfloat16_precision_serves_mc_dropout_in_bfloat16_and_other_methods_in_f
     full = float32.resolve("dropout").model.sample(x, 30, seeds)
     half = dropout.model.sample(x, 30, seeds)
     torch.testing.assert_close(half, full, rtol=0.02, atol=0.02 * full.abs().max().item())
+    settings_with_workers = make_settings(tmp_path, precision="bfloat16", batch_workers=1)
+    with serve(settings_with_workers) as live:  # the worker process loads it the same way
+        versions = live.get("/v1/models/dropout").json()["versions"]
+        body = {"instances": [[0.1, -0.2, 0.3]], "parameters": {"seed": 5}}
+        answer = live.post("/v1/models/dropout:predict", json=body)
+    assert versions[0]["precision"] == "bfloat16"
+    assert answer.status_code == 200, answer.text
