@@ -261,6 +261,12 @@ def test_served_onnx_answers_equal_torch_answers(model_dir):
                 assert batched[1].json() == answers["onnx", "reg"]
     for name in requests:
         assert_close_json(answers["torch", name], answers["onnx", name])
+    # in a worker process the same graph and session options give the same bytes
+    with serve(make_settings(model_dir, backend="onnx", batch_workers=1)) as client:
+        for name, rows in requests.items():
+            body = {"instances": rows, "parameters": {"seed": 7, "credible_levels": [0.5, 0.9]}}
+            response = client.post(f"/v1/models/{name}:predict", json=body)
+            assert response.json() == answers["onnx", name]
 
 
 def test_onnx_backend_names_the_model_without_model_onnx_and_how_to_export(model_dir):
