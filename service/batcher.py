@@ -84,8 +84,8 @@ class Batcher:
         # per request).
         self._by_deadline: collections.deque[Job] = collections.deque()
         self._running: set[asyncio.Task] = set()  # batches being computed
-        self.workers = workers  # 0: on the event loop's thread
         name = f"credence-{loaded.spec.name}-v{loaded.spec.version}"
+        # none: batches are computed on the event loop's thread
         self.processes = [WorkerProcess(loaded, settings, f"{name}-{i}") for i in range(workers)]
         # the free workers; None stands for the event loop's thread
         self._idle: asyncio.Queue[WorkerProcess | None] = asyncio.Queue()
@@ -252,7 +252,7 @@ class Batcher:
         first, self._carry = self._carry or await self.queue.get(), None
         batch, rows = [first], first.rows
         deadline = loop.time() + self.delay_s
-        turned = self.workers > 0  # worker processes: the loop has read them already
+        turned = bool(self.processes)  # worker processes: the loop has read them already
         while rows < self.max_rows:
             try:
                 job = self.queue.get_nowait()

@@ -43,6 +43,11 @@ def sample_mean(t: torch.Tensor) -> torch.Tensor:
     return sample_sum(t) / t.shape[0]
 
 
+def sample_var(t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Population variance over axis 0 around its `sample_mean` (two-pass, batch-invariant)."""
+    return sample_mean((t - mean) ** 2)
+
+
 def mixture_cdf(mean: torch.Tensor, variance: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """F(y) under the mixtures 1/n sum_s N(mean[s], variance[s]) over axis 0: PIT values."""
     return sample_mean(torch.special.ndtr((y - mean) / variance.clamp_min(1e-300).sqrt()))
@@ -74,7 +79,7 @@ def mixture_quantile(
     hi = (mu + _TAIL_SDS * sd).amax(0)
     if moments is None:
         center = sample_mean(mu)
-        moments = center, sample_mean(var) + sample_mean((mu - center) ** 2)
+        moments = center, sample_mean(var) + sample_var(mu, center)
     unit = [1] * (mu.dim() - 1)
     center, spread = moments[0], moments[1].sqrt()
     zs = [NormalDist().inv_cdf(p) for p in probs]
@@ -122,7 +127,7 @@ def regression_summary(draws: torch.Tensor, levels: Sequence[float]) -> Summary:
     draws = draws.double()
     mu, var = draws[..., :k], draws[..., k:]
     mean = sample_mean(mu)
-    epistemic = sample_mean((mu - mean) ** 2)  # population variance, two-pass
+    epistemic = sample_var(mu, mean)
     aleatoric = sample_mean(var)
     variance = epistemic + aleatoric
     tails = [(1 - level) / 2 for level in levels]
