@@ -7,10 +7,10 @@ wrong for skewed or multimodal predictives).
 Classification: the mean of the per-draw softmax, its entropy, the expected per-draw
 entropy (aleatoric) and their difference, the mutual information (epistemic).
 
-Every reduction over the sample axis is a pairwise tree fixed by n alone, and the quantile
-solver freezes each element once it has converged, so a row's summary is the same bits
-whatever rows it is computed with: the server batches requests and promises a seeded request
-the numbers it gets alone.
+Every reduction over the draws adds them in an order fixed by n alone (a scan along axis 0,
+or a sum along a contiguous last axis), and the quantile solver freezes each element once it
+has converged, so a row's summary is the same bits whatever rows it is computed with: the
+server batches requests and promises a seeded request the numbers it gets alone.
 """
 
 from __future__ import annotations
@@ -94,16 +94,16 @@ def mixture_quantile(
     # over draws is compared with 2 n q, and its slope is twice the density sum.
     twice = torch.tensor([2 * p * n for p in probs], dtype=torch.float64, device=mu.device)
     twice = twice.view(-1, *unit)
-    inv_sd = (sd.reciprocal() * (1 / math.sqrt(2))).unsqueeze(1)  # [n, 1, ...] against x
-    slope_scale = inv_sd * (2 / math.sqrt(math.pi))
-    mu = mu.unsqueeze(1)
+    # The iterations hold the draws on a contiguous last axis, [..., n] against x[..., None]:
+    # torch sums such an axis in an order fixed by its length, at a fifth of a scan's cost.
+    inv_sd = (sd.reciprocal() * (1 / math.sqrt(2))).movedim(0, -1).contiguous()
+    log_slope_scale = (inv_sd * (2 / math.sqrt(math.pi))).log()
+    mu = mu.movedim(0, -1).contiguous()
     done = torch.zeros_like(x, dtype=torch.bool)
     for _ in range(_MAX_ITERATIONS):
-        w = (mu - x) * inv_sd
-        # CDF and density share one reduction: half the (many, small) ops.
-        terms = torch.stack([torch.special.erfc(w), torch.exp(-w * w) * slope_scale], 1)
-        excess, slope = sample_sum(terms).unbind(0)
-        excess = excess - twice
+        w = (mu - x.unsqueeze(-1)) * inv_sd
+        excess = torch.special.erfc(w).sum(-1) - twice
+        slope = torch.addcmul(log_slope_scale, w, w, value=-1).exp_().sum(-1)
         below = excess < 0
         lo = torch.where(below, x, lo)
         hi = torch.where(below, hi, x)  # an exact root (excess 0) closes the bracket on x
