@@ -255,7 +255,8 @@ class Registry:
         """The version a request asked for, or the default; 404 unknown, 503 failed to load."""
         entry = self.entry(name)
         if version is None:
-            if entry.default_version is None:
+            default = entry.default_version  # computed from the versions: once
+            if default is None:
                 errors = "; ".join(f"v{m.version}: {m.error}" for m in entry.versions.values())
                 raise ApiError.single(
                     503,
@@ -263,7 +264,7 @@ class Registry:
                     f"no version of {name!r} loaded: {errors}",
                     ("path", "name"),
                 )
-            return entry.versions[entry.default_version]
+            return entry.versions[default]
         text = str(version)
         number = int(text) if re.fullmatch(r"[0-9]{1,18}", text) else None
         if number is None or number not in entry.versions:
