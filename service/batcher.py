@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from service import protocol
@@ -47,7 +48,7 @@ Render = Callable[[list[dict]], bytes]  # the request's rows of `protocol.predic
 class Job:
     """One validated request waiting for its batch."""
 
-    x: torch.Tensor
+    x: np.ndarray  # protocol.PredictRequest.x
     num_samples: int
     levels: tuple[float, ...]
     seed: int
@@ -137,7 +138,7 @@ class Batcher:
 
     async def submit(
         self,
-        x: torch.Tensor,
+        x: np.ndarray,
         num_samples: int,
         levels: tuple[float, ...],
         seed: int,
@@ -286,7 +287,7 @@ class Batcher:
 
         Per request it makes no torch call: on a small model each one is a measurable share
         of the batch (a seed tensor and a row index per request were a sixth of it)."""
-        x = batch[0].x if len(batch) == 1 else torch.cat([job.x for job in batch])
+        x = torch.from_numpy(np.concatenate([job.x for job in batch]))
         seeds = torch.tensor([job.seed for job in batch for _ in range(job.rows)])
         offsets = [0]
         by_key: dict[tuple[int, tuple[float, ...]], list[int]] = {}

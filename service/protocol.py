@@ -38,9 +38,10 @@ LARGEST = {dtype: float(np.finfo(numpy).max) for dtype, numpy in NUMPY_DTYPES.it
 
 @dataclass(frozen=True)
 class PredictRequest:
-    """A validated request: inputs [B, *input_shape] in the model's dtype, on the CPU."""
+    """A validated request: inputs [B, *input_shape] in the model's dtype, as a numpy array
+    (the batch makes one tensor of its requests' arrays: a tensor per request cost more)."""
 
-    x: torch.Tensor
+    x: np.ndarray
     num_samples: int
     levels: tuple[float, ...]
     seed: int | None
@@ -185,7 +186,7 @@ def _levels(value: object, problems: list[Problem]) -> tuple[float, ...] | None:
 
 def _instances(
     value: object, spec: ModelSpec, max_instances: int, problems: list[Problem]
-) -> torch.Tensor | None:
+) -> np.ndarray | None:
     location: Location = ("instances",)
     if value is _MISSING:
         shape = list(spec.input_shape)
@@ -318,7 +319,7 @@ def _collect(
 
 def _to_tensor(
     flat: list, rows: int, spec: ModelSpec, keyed: set[int], problems: list[Problem]
-) -> torch.Tensor | None:
+) -> np.ndarray | None:
     """The inputs in the model's dtype; NaN, infinities and values past its range refused."""
     shape = spec.input_shape
     dtype = NUMPY_DTYPES[spec.dtype]
@@ -328,7 +329,7 @@ def _to_tensor(
         wide, error = None, exc
     # the common case: all finite and in range (NaN compares false), checked in one pass
     if wide is not None and not problems and np.abs(wide).max() <= LARGEST[spec.dtype]:
-        return torch.from_numpy(wide.astype(dtype)).view(rows, *shape)
+        return wide.astype(dtype).reshape(rows, *shape)
     per_row = math.prod(shape)
 
     def location(index: int) -> Location:
@@ -353,7 +354,6 @@ def _to_tensor(
     with np.errstate(over="ignore"):  # past the dtype's range becomes inf, refused below
         narrow = wide.astype(dtype)
     bad = np.flatnonzero(~np.isfinite(narrow)).tolist()
-    x = torch.from_numpy(narrow)
     for index in bad[: max(MAX_PROBLEMS - len(problems), 0)]:
         at, item = location(index), wide[index].item()
         if math.isnan(item):
@@ -363,7 +363,7 @@ def _to_tensor(
         else:
             message = f"{where(at)} = {item!r} is outside the range of {spec.dtype}"
         problems.append(Problem("non_finite", message, at))
-    return None if bad or problems else x.view(rows, *shape)
+    return None if bad or problems else narrow.reshape(rows, *shape)
 
 
 def predictions(spec: ModelSpec, summary: Summary, levels: Sequence[float]) -> list[dict]:

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -271,7 +272,7 @@ def test_stopping_answers_a_batch_in_flight_and_the_queue_with_503(model_dir: Pa
         batcher = Batcher(loaded, settings, Metrics(), 1)
         batcher.start()
         await batcher.ready()
-        x = torch.zeros(1, 3)
+        x = np.zeros((1, 3), np.float32)
         with paused(*batcher.processes):
             requests = [  # the first is computed; the second waits in the queue (1-row batches)
                 asyncio.create_task(batcher.submit(x, 10, (0.9,), seed, lambda _: b""))
@@ -303,7 +304,7 @@ def test_a_worker_that_cannot_load_the_model_fails_its_batches_saying_why(
         batcher.start()
         await batcher.ready()  # logs the failure and serves on
         try:
-            return await batcher.submit(torch.zeros(1, 3), 10, (0.9,), 1, lambda _: b"")
+            return await batcher.submit(np.zeros((1, 3), np.float32), 10, (0.9,), 1, lambda _: b"")
         except ApiError as error:
             return error
         finally:
@@ -329,7 +330,15 @@ def test_a_batch_on_the_loop_waits_a_turn_for_requests_being_read(
         loop = asyncio.get_running_loop()
         batcher = Batcher(loaded, settings, Metrics(), workers)
         first, second = (
-            Job(torch.zeros(1, 3), 10, (0.9,), seed, lambda _: b"", 0.0, loop.create_future())
+            Job(
+                np.zeros((1, 3), np.float32),
+                10,
+                (0.9,),
+                seed,
+                lambda _: b"",
+                0.0,
+                loop.create_future(),
+            )
             for seed in (1, 2)
         )
         batcher.queue.put_nowait(first)
