@@ -240,7 +240,7 @@ def _instances(
             keyed.add(i)
         names = spec.feature_names if i in keyed else None
         _collect(row, spec.input_shape, 0, (*location, i), flat, problems, names)
-    return _to_tensor(flat, len(value), spec, keyed, problems)
+    return _to_array(flat, len(value), spec, keyed, problems)
 
 
 def _from_keyed(
@@ -317,7 +317,7 @@ def _collect(
             flat.append(0.0)
 
 
-def _to_tensor(
+def _to_array(
     flat: list, rows: int, spec: ModelSpec, keyed: set[int], problems: list[Problem]
 ) -> np.ndarray | None:
     """The inputs in the model's dtype; NaN, infinities and values past its range refused."""

@@ -5,10 +5,11 @@ batched with, on the device, or on the order of calls. That is what lets the ser
 requests that carry different seeds into one vectorized pass and still return, for a seeded
 request, exactly the numbers it would get alone.
 
-The hash is a 32-bit integer mixer. Keys (small tensors) are held in int64 in [0, 2**32);
-the large per-element tensors are computed in int32 with wrapping multiplication and masked
-(logical) shifts, in place: int32 vectorizes where int64 multiplication does not, and this
-is the serving hot path (dropout masks for every draw of every request).
+The hash is a 32-bit integer mixer. Keys (a few per seed and draw) are held in int64 in
+[0, 2**32), computed in numpy on the host; the large per-element tensors are computed in
+int32 with wrapping multiplication and masked (logical) shifts, in place: int32 vectorizes
+where int64 multiplication does not, and this is the serving hot path (dropout masks for
+every draw of every request).
 """
 
 from __future__ import annotations
