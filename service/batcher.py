@@ -33,7 +33,7 @@ from service.errors import ApiError
 from service.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
-from service.workers import Group, WorkerProcess, summarize_batch
+from service.workers import Group, WorkerProcess, release_weights, summarize_batch
 from training.summaries import Summary
 
 log = logging.getLogger("credence.batcher")
@@ -96,7 +96,9 @@ class Batcher:
         for process in self.processes:
             process.start()
             self._idle.put_nowait(process)
-        if not self.processes:
+        if self.processes:
+            release_weights(self.loaded.model)
+        else:
             self._idle.put_nowait(None)
         self._task = loop.create_task(self._run(), name=self.labels[0])
         self._expiry = loop.create_task(self._expire(), name=f"{self.labels[0]} deadlines")

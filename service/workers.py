@@ -62,6 +62,18 @@ def summarize_batch(
     return summaries
 
 
+def release_weights(model: object) -> None:
+    """Drop the server's copy of a model whose batches its worker processes compute.
+
+    Each worker loads its own from the checkpoint (again when it is restarted), so the
+    server's would only hold the weights once more: a multi-gigabyte model would take its
+    size times the workers plus one. On the meta device the module keeps its shapes, and
+    computing with it fails loudly.
+    """
+    if isinstance(model, torch.nn.Module):
+        model.to(torch.device("meta"))
+
+
 class WorkerError(RuntimeError):
     """A worker process failed to load its model, failed on a batch, or died."""
 

@@ -217,6 +217,9 @@ def test_batch_workers_compute_batches_side_by_side_with_the_same_answers(
     with serve(settings) as live:
         responses = live.gather(*((REG, body) for body in bodies))
         assert [r.json() for r in responses] == expected
+        # the server keeps its own weights only when it computes the batches itself
+        parameters = list(live.app.state.registry.resolve("reg").model.parameters())
+        assert all(p.is_meta == bool(workers) for p in parameters)
         if not workers:
             return
         batcher = live.app.state.batchers[("reg", 1)]
