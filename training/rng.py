@@ -98,7 +98,7 @@ def bernoulli(keys: torch.Tensor, size: int, p: float) -> torch.Tensor:
 
     Element 2j compares the low 16 bits of hash(k, j) with round(p * 2**16), element 2j + 1
     the high 16 bits: the halves of a strong 32-bit hash are independent, and hashing is
-    most of the cost of a dropout mask. (The int16 view relies on a little-endian device.)
+    most of the cost of a dropout mask. (The 16-bit view relies on a little-endian device.)
     """
     return bernoulli_bits(keys, size, p) != 0
 
@@ -110,10 +110,10 @@ def bernoulli_bits(keys: torch.Tensor, size: int, p: float) -> torch.Tensor:
     no bool-to-float conversion or multiply: the serving hot path of MC dropout.
     """
     threshold = round(p * (1 << 16))
-    halves = _bits32(keys, (size + 1) // 2).view(torch.int16)[..., :size]
-    # The unsigned half u is u - 2**16 * (sign bit) as int16; u < t iff u - t < 0.
-    words = halves.to(torch.int32).bitwise_and_(0xFFFF).sub_(threshold)
-    return words.bitwise_right_shift_(31)
+    # uint16 halves widen to int32 without sign extension: a pass fewer than int16 and a mask
+    # (31 rows x 100 draws x 50 units: 54 to 42 us); then u < t iff u - t < 0.
+    halves = _bits32(keys, (size + 1) // 2).view(torch.uint16)[..., :size]
+    return halves.to(torch.int32).sub_(threshold).bitwise_right_shift_(31)
 
 
 def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
