@@ -28,6 +28,10 @@ class OnnxSampler:
         seeds_np = seeds.detach().to("cpu", torch.int64).numpy()
         return torch.from_numpy(np.asarray(run_draws(self.session, x_np, n, seeds_np)))
 
+    def release(self) -> None:
+        """Drop the session and the weights it holds (service.workers.release_weights)."""
+        self.session = None
+
 
 def load_onnx(checkpoint: Checkpoint, threads: int, small: bool) -> OnnxSampler:
     """The sampler of a verified checkpoint's model.onnx; CheckpointError says how to export.

@@ -267,6 +267,8 @@ def test_served_onnx_answers_equal_torch_answers(model_dir):
             body = {"instances": rows, "parameters": {"seed": 7, "credible_levels": [0.5, 0.9]}}
             response = client.post(f"/v1/models/{name}:predict", json=body)
             assert response.json() == answers["onnx", name]
+            # the worker computes: the server dropped its own session
+            assert client.app.state.registry.resolve(name).model.session is None
 
 
 def test_onnx_backend_names_the_model_without_model_onnx_and_how_to_export(model_dir):
