@@ -32,7 +32,8 @@ def sample_sum(t: torch.Tensor) -> torch.Tensor:
 
     A scan along axis 0 adds each element's draws one after another whatever the other
     dimensions hold, so a row's result does not depend on the rows it is batched with
-    (torch's reductions pick their order from the layout of the whole tensor). One op, where
+    (torch's sum over a leading axis picks its order from the whole tensor's layout; over a
+    contiguous last axis it does not, which `mixture_quantile` uses). One op, where
     a pairwise tree of slices took two dozen for n = 100: summaries are many small ops, and
     each costs the serving thread a round trip for the GIL.
     """
