@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from scipy import stats
 
@@ -50,3 +51,29 @@ def test_large_seeds_use_both_halves():
     low = rng.seed_keys(torch.tensor([5]))
     high = rng.seed_keys(torch.tensor([5 + (1 << 40)]))
     assert not torch.equal(low, high)
+
+
+def test_keys_computed_in_torch_are_the_bits_numpy_computes():
+    """On an accelerator the keys are computed on the device in torch; here that code runs
+    on CPU tensors against the numpy path the CPU takes (seeds of all sizes and signs)."""
+    seeds = torch.tensor([0, 1, 7, (1 << 31) + 3, (1 << 40) + 5, (1 << 62) + 11, -9])
+    for n, stream in ((1, 0), (37, 2), (256, 5)):
+        counters = rng._mixed_counters(n, torch.device("cpu"))
+        torch.testing.assert_close(
+            rng._draw_keys(seeds, counters, stream), rng.draw_keys(seeds, n, stream), rtol=0, atol=0
+        )
+        grid = seeds.view(1, -1).expand(3, -1)  # keys of any shape of seeds
+        torch.testing.assert_close(
+            rng._draw_keys(grid, counters, stream), rng.draw_keys(grid, n, stream), rtol=0, atol=0
+        )
+    torch.testing.assert_close(rng._seed_keys(seeds), rng.seed_keys(seeds), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_keys_on_cuda_stay_there_and_match_the_cpu():
+    seeds = torch.tensor([3, 1 << 40, 12345])
+    keys = rng.draw_keys(seeds.cuda(), 64, stream=1)
+    assert keys.device.type == "cuda"
+    torch.testing.assert_close(keys.cpu(), rng.draw_keys(seeds, 64, stream=1), rtol=0, atol=0)
+    bits = rng.bernoulli_bits(keys, 100, 0.9).cpu()
+    torch.testing.assert_close(bits, rng.bernoulli_bits(keys.cpu(), 100, 0.9), rtol=0, atol=0)

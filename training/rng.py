@@ -6,10 +6,10 @@ requests that carry different seeds into one vectorized pass and still return, f
 request, exactly the numbers it would get alone.
 
 The hash is a 32-bit integer mixer. Keys (a few per seed and draw) are held in int64 in
-[0, 2**32), computed in numpy on the host; the large per-element tensors are computed in
-int32 with wrapping multiplication and masked (logical) shifts, in place: int32 vectorizes
-where int64 multiplication does not, and this is the serving hot path (dropout masks for
-every draw of every request).
+[0, 2**32), computed in numpy on the host (on an accelerator, on the device); the large
+per-element tensors are computed in int32 with wrapping multiplication and masked (logical)
+shifts, in place: int32 vectorizes where int64 multiplication does not, and this is the
+serving hot path (dropout masks for every draw of every request).
 """
 
 from __future__ import annotations
@@ -118,28 +118,35 @@ def bernoulli_bits(keys: torch.Tensor, size: int, p: float) -> torch.Tensor:
 
 def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
     """Reduce 63-bit seeds to 32-bit keys using both halves of the seed."""
-    return torch.from_numpy(_seed_keys(_on_host(seeds))).to(seeds.device)
+    if seeds.device.type == "cpu":
+        return torch.from_numpy(_seed_keys(seeds.detach().to(torch.int64).numpy()))
+    return _seed_keys(seeds.to(torch.int64))
 
 
 def draw_keys(seeds: torch.Tensor, n: int, stream: int) -> torch.Tensor:
     """Keys [n, *seeds.shape] for draws 0..n-1 of each seed within a named stream.
 
-    Keys are computed in numpy on the host: they are a few thousand numbers made by ~50
-    small ops, which cost less than half as much in numpy as in torch (31 seeds, 100 draws:
-    89 to 38 us alone; the small serving benchmark model's 31-row batch, 0.506 to 0.486 ms).
-    The server pays this for every batch and dropout layer.
+    On the CPU keys are computed in numpy: they are a few thousand numbers made by ~50 small
+    ops, which cost less than half as much in numpy as in torch (31 seeds, 100 draws: 89 to
+    38 us alone; the small serving benchmark model's 31-row batch, 0.506 to 0.486 ms). The
+    server pays this for every batch and dropout layer. On an accelerator they are computed
+    where the seeds are: a round trip through the host would wait for the device at every
+    dropout layer. Both give the same bits.
     """
-    per_seed = combine(_seed_keys(_on_host(seeds)), stream)
-    draws = _mixed_counters(n, torch.device("cpu")).numpy().reshape(-1, *([1] * seeds.dim()))
-    keys = mix32(per_seed[np.newaxis] ^ draws)  # combine(per_seed, draw index)
-    return torch.from_numpy(keys).to(seeds.device)
+    counters = _mixed_counters(n, seeds.device)
+    if seeds.device.type == "cpu":
+        keys = _draw_keys(seeds.detach().to(torch.int64).numpy(), counters.numpy(), stream)
+        return torch.from_numpy(keys)
+    return _draw_keys(seeds.to(torch.int64), counters, stream)
 
 
-def _on_host(seeds: torch.Tensor) -> np.ndarray:
-    return seeds.detach().to("cpu", torch.int64).numpy()
+def _draw_keys(seeds: Word, counters: Word, stream: int) -> Word:
+    """`draw_keys` on int64 seeds and `_mixed_counters(n)`, both numpy or both torch."""
+    per_seed = combine(_seed_keys(seeds), stream)
+    return mix32(per_seed[None] ^ counters.reshape(-1, *([1] * seeds.ndim)))
 
 
-def _seed_keys(seeds: np.ndarray) -> np.ndarray:
+def _seed_keys(seeds: Word) -> Word:
     low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
     return combine(mix32(low), high)
 
