@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import uvloop
-from conftest import CLASSIFICATION, classification_manifest, make_settings
+from conftest import (
+    CLASSIFICATION,
+    classification_manifest,
+    classification_model,
+    make_settings,
+)
 
 from service.registry import Registry
-from service.workers import WorkerProcess, summarize_batch
+from service.workers import WorkerProcess, summarize_batch, to_device, to_host
 from training.checkpoint import save_checkpoint
 from training.model import build_model
 
@@ -54,3 +59,31 @@ def test_a_worker_process_computes_what_the_server_would_for_batches_of_megabyte
         assert mine.keys() == theirs.keys()
         for key, value in theirs.items():
             assert torch.equal(mine[key], value), key
+
+
+def test_summaries_come_back_to_the_host_untouched_on_the_cpu(tmp_path: Path) -> None:
+    summaries = [{"mean": torch.ones(2)}, {"std": torch.zeros(3)}]
+    assert to_host(summaries) is summaries
+    x = torch.arange(3.0)
+    assert to_device(x, torch.device("cpu")) is x
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_on_cuda_summarizes_what_the_cpu_does_and_returns_host_tensors(
+    tmp_path: Path,
+) -> None:
+    """Pinned, non-blocking copies both ways: the answers must still be the finished ones.
+    cuBLAS rounds differently from MKL, hence a tolerance rather than the same bits."""
+    save_checkpoint(classification_model(), tmp_path, "clf", classification_manifest())
+    settings = make_settings(tmp_path)
+    on_cpu = Registry.load(tmp_path, torch.device("cpu"), settings).resolve("clf")
+    on_gpu = Registry.load(tmp_path, torch.device("cuda"), settings).resolve("clf")
+    x = torch.randn(64, CLASSIFICATION["arch"]["in_features"])
+    seeds = torch.arange(64) * 3 + 1
+    groups = [(200, (0.9,), None)]
+    expected = summarize_batch(on_cpu, x, seeds, groups)
+    for _ in range(3):  # later batches reuse the cached pinned blocks
+        got = summarize_batch(on_gpu, x, seeds, groups)
+        for key, value in expected[0].items():
+            assert got[0][key].device.type == "cpu", key
+            torch.testing.assert_close(got[0][key], value, rtol=1e-4, atol=1e-5)
