@@ -129,9 +129,16 @@ def batch_workers(model: LoadedModel, settings: Settings) -> int:
     processes rather than threads spare it the GIL (+18%, 701 to 825 requests/s).
     onnxruntime picks its own threads per model (service.onnx_backend), so a large onnx
     model's batches run one at a time, in one process.
+
+    On CUDA the GPU computes, not the cores: one process drives it, whatever the model's
+    size. Computed on the loop, a batch would hold the loop while it waits for the GPU's
+    results; a process per core would each hold a CUDA context (hundreds of megabytes of GPU
+    memory) and time-share one GPU. The loop collects the next batch while the GPU computes.
     """
     if settings.batch_workers != "auto":
         return settings.batch_workers
+    if model.device.type == "cuda":
+        return 1
     if model.small:
         return 0
     return 1 if settings.backend == "onnx" else available_cores()

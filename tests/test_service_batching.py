@@ -254,10 +254,11 @@ def test_a_worker_process_that_dies_fails_its_batch_and_is_replaced(model_dir: P
     assert again.status_code == 200 and again.json() == expected
 
 
-def test_large_torch_models_get_a_batch_per_core_and_small_ones_the_event_loop(
+def test_large_torch_models_get_a_batch_per_core_small_ones_the_loop_and_cuda_one_process(
     tmp_path: Path,
 ) -> None:
-    small, large = SimpleNamespace(small=True), SimpleNamespace(small=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    small, large = SimpleNamespace(small=True, device=cpu), SimpleNamespace(small=False, device=cpu)
     cores = available_cores()
     auto, onnx = make_settings(tmp_path), make_settings(tmp_path, backend="onnx")
     assert batch_workers(small, auto) == batch_workers(small, onnx) == 0
@@ -265,6 +266,10 @@ def test_large_torch_models_get_a_batch_per_core_and_small_ones_the_event_loop(
     assert batch_workers(large, onnx) == 1  # onnxruntime threads itself
     assert batch_workers(large, make_settings(tmp_path, batch_workers=0)) == 0
     assert batch_workers(small, make_settings(tmp_path, batch_workers="3")) == 3
+    for size in (True, False):  # one process drives the GPU, and the loop never waits for it
+        on_gpu = SimpleNamespace(small=size, device=cuda)
+        assert batch_workers(on_gpu, auto) == 1
+        assert batch_workers(on_gpu, make_settings(tmp_path, batch_workers=2)) == 2
 
 
 def test_stopping_answers_a_batch_in_flight_and_the_queue_with_503(model_dir: Path) -> None:
