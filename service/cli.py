@@ -32,7 +32,10 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
     "torch_threads": (int, "intra-op threads (0: 1)"),
     "batch_workers": (str, "processes computing a model's batches (0: on the event loop; auto)"),
     "backend": (str, "torch, or onnx (each checkpoint's model.onnx, from credence-export)"),
-    "precision": (str, "float32, or bfloat16 for MC-dropout models' layers (torch backend)"),
+    "precision": (
+        str,
+        "float32, or bfloat16 or float16 for MC-dropout models' layers (torch backend)",
+    ),
     "log_level": (str, "critical, error, warning, info or debug"),
     "access_log": (
         str,

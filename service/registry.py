@@ -140,7 +140,7 @@ class LoadedModel:
     device: torch.device
     path: Path
     small: bool = False  # training.fit.is_small: its batches are many small ops
-    precision: str = "float32"  # of the layers: float32 or bfloat16 (settings.precision)
+    precision: str = "float32"  # of the layers: settings.precision where the method has it
 
     @property
     def key(self) -> tuple[str, int]:
@@ -184,15 +184,17 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
     module = checkpoint.build(device)
     small = is_small(module)
     precision = "float32"
-    if settings.precision == "bfloat16":
-        if hasattr(module, "to_bfloat16"):
-            module, precision = module.to_bfloat16(), "bfloat16"
+    if settings.precision != "float32":
+        if hasattr(module, "to_precision"):
+            module = module.to_precision(getattr(torch, settings.precision))
+            precision = settings.precision
         else:
             log.warning(
-                "%s v%d: precision bfloat16 applies to MC-dropout models; this %s model "
+                "%s v%d: precision %s applies to MC-dropout models; this %s model "
                 "serves in float32",
                 spec.name,
                 spec.version,
+                settings.precision,
                 spec.method,
             )
     model: Sampler = module

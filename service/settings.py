@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 Backend = Literal["torch", "onnx"]
-Precision = Literal["float32", "bfloat16"]
+Precision = Literal["float32", "bfloat16", "float16"]
 
 
 class Settings(BaseSettings):
@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     backend: Backend = Field("torch", description="torch, or onnx: each checkpoint's model.onnx")
     precision: Precision = Field(
         "float32",
-        description="bfloat16: MC-dropout models' layers in bfloat16, products accumulated in "
-        "float32 (AMX CPUs, CUDA); other models stay float32",
+        description="bfloat16 or float16: MC-dropout models' layers in 16 bits, products "
+        "accumulated in float32 (bfloat16 on AMX CPUs and CUDA, float16 on CUDA); other models "
+        "stay float32",
     )
     log_level: LogLevel = "info"
     access_log: bool = Field(

@@ -124,17 +124,32 @@ def test_mc_dropout_draws_do_not_depend_on_the_chunks_they_are_computed_in(
     torch.testing.assert_close(model.sample(x, 10, seeds), whole, rtol=1e-5, atol=1e-6)
 
 
-def test_mc_dropout_in_bfloat16_draws_what_float32_draws_to_bfloat16_rounding():
+@pytest.mark.parametrize(
+    ("dtype", "rtol"),
+    # significant bits kept: 8 for bfloat16 (relative rounding 2^-9 per value), 11 for float16
+    # (2^-12), over a few layers; a different dropout mask would move a draw by the size of a
+    # unit's contribution
+    [(torch.bfloat16, 0.02), (torch.float16, 0.003)],
+    ids=["bfloat16", "float16"],
+)
+def test_mc_dropout_in_16_bits_draws_what_float32_draws_to_its_rounding(
+    dtype: torch.dtype, rtol: float
+) -> None:
     model = _model("mc_dropout")
     x, seeds = _inputs("mc_dropout", 6), torch.tensor([3, 9, 3, 1, 4, 1])
     full = model.sample(x, 40, seeds)
-    half = copy.deepcopy(model).to_bfloat16().sample(x, 40, seeds)
+    half_model = copy.deepcopy(model).to_precision(dtype)
+    assert half_model.layers[0].weight.dtype == dtype
+    half = half_model.sample(x, 40, seeds)
     assert half.dtype == torch.float32  # the head and the normalization stay float32
-    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 per value, a few layers of
-    # it); a different dropout mask would move a draw by the size of a unit's contribution
     scale = full.abs().max().item()
-    torch.testing.assert_close(half, full, rtol=0.02, atol=0.02 * scale)
-    assert not torch.equal(half, full)  # it really ran in bfloat16
+    torch.testing.assert_close(half, full, rtol=rtol, atol=rtol * scale)
+    assert not torch.equal(half, full)  # it really ran in 16 bits
+
+
+def test_mc_dropout_refuses_a_precision_it_cannot_serve() -> None:
+    with pytest.raises(ValueError, match=r"float32, bfloat16 or float16, not torch\.int8"):
+        _model("mc_dropout").to_precision(torch.int8)
 
 
 def test_different_seeds_get_independent_draws(case):

@@ -122,8 +122,11 @@ def test_a_loaded_model_knows_whether_it_is_small(tmp_path: Path) -> None:
     assert {m.spec.name: m.small for m in registry.loaded()} == {"narrow": True, "wide": False}
 
 
-def test_bfloat16_precision_serves_mc_dropout_in_bfloat16_and_other_methods_in_float32(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("spelled", "precision"), [("BFloat16", "bfloat16"), ("float16", "float16")]
+)
+def test_16_bit_precision_serves_mc_dropout_in_16_bits_and_other_methods_in_float32(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, spelled: str, precision: str
 ) -> None:
     save_checkpoint(regression_model(), tmp_path, "dropout", regression_manifest())
     torch.manual_seed(0)
@@ -136,22 +139,22 @@ def test_bfloat16_precision_serves_mc_dropout_in_bfloat16_and_other_methods_in_f
         {"x_mean": [0.0] * 3, "x_std": [1.0] * 3, "y_mean": [0.5], "y_std": [2.0]},
     )
     save_checkpoint(variational, tmp_path, "bayes", regression_manifest())
-    settings = make_settings(tmp_path, precision="BFloat16")
+    settings = make_settings(tmp_path, precision=spelled)
     registry = Registry.load(tmp_path, torch.device("cpu"), settings)
     dropout, bayes = registry.resolve("dropout"), registry.resolve("bayes")
-    assert dropout.precision == "bfloat16"
-    assert dropout.model.layers[0].weight.dtype == torch.bfloat16
+    assert dropout.precision == precision
+    assert dropout.model.layers[0].weight.dtype == getattr(torch, precision)
     assert bayes.precision == "float32"
-    assert "bayes v1: precision bfloat16 applies to MC-dropout models" in caplog.text
+    assert f"bayes v1: precision {precision} applies to MC-dropout models" in caplog.text
     float32 = Registry.load(tmp_path, torch.device("cpu"), make_settings(tmp_path))
     x, seeds = torch.randn(5, 3), torch.arange(5)
     full = float32.resolve("dropout").model.sample(x, 30, seeds)
     half = dropout.model.sample(x, 30, seeds)
     torch.testing.assert_close(half, full, rtol=0.02, atol=0.02 * full.abs().max().item())
-    settings_with_workers = make_settings(tmp_path, precision="bfloat16", batch_workers=1)
+    settings_with_workers = make_settings(tmp_path, precision=precision, batch_workers=1)
     with serve(settings_with_workers) as live:  # the worker process loads it the same way
         versions = live.get("/v1/models/dropout").json()["versions"]
         body = {"instances": [[0.1, -0.2, 0.3]], "parameters": {"seed": 5}}
         answer = live.post("/v1/models/dropout:predict", json=body)
-    assert versions[0]["precision"] == "bfloat16"
+    assert versions[0]["precision"] == precision
     assert answer.status_code == 200, answer.text

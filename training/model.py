@@ -86,7 +86,7 @@ class PosteriorModel(nn.Module):
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
         raw = self.raw_draws(self.normalizer.inputs(x), n, seeds)
-        # a body in bfloat16 (MCDropoutMLP.to_bfloat16) hands the head float32
+        # a body in 16 bits (MCDropoutMLP.to_precision) hands the head float32
         draws = self.head.per_draw(raw.to(torch.promote_types(raw.dtype, torch.float32)))
         if isinstance(self.head, GaussianHead):
             return self.normalizer.gaussian_draws(draws)
@@ -116,11 +116,16 @@ class MCDropoutMLP(PosteriorModel):
     def _dropped(self, i: int) -> bool:
         return self.p > 0 and (i > 0 or self.input_dropout)
 
-    def to_bfloat16(self) -> MCDropoutMLP:
-        """Serve in bfloat16: the layers' weights and activations (products accumulate in
-        float32 on AMX and tensor cores), not the normalization or the likelihood head, so
-        inputs are standardized and draws rescaled in float32. Masks are the same bits."""
-        self.layers.to(torch.bfloat16)
+    def to_precision(self, dtype: torch.dtype) -> MCDropoutMLP:
+        """Serve the layers' weights and activations in bfloat16 or float16 (products
+        accumulate in float32 on AMX and tensor cores), not the normalization or the
+        likelihood head, so inputs are standardized and draws rescaled in float32. Masks
+        are the same bits."""
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(
+                f"MC-dropout layers serve in float32, bfloat16 or float16, not {dtype}"
+            )
+        self.layers.to(dtype)
         return self
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
