@@ -184,8 +184,10 @@ def build_checkpoint(workload: Workload, model_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- matmul rate
 
 
-def matmul_rate(dtype: str = "float32", repeats: int = 20, warmup: int = 5) -> dict[str, Any]:
-    """This machine's matmul rate in the large model's big-layer shape.
+def matmul_rate(
+    dtype: str = "float32", repeats: int = 20, warmup: int = 5, device: str = "cpu"
+) -> dict[str, Any]:
+    """This machine's matmul rate in the large model's big-layer shape, on `device`.
 
     It is what the large workload's achieved model FLOP rate is measured against (float32;
     bfloat16 for Credence serving in bfloat16): the best of several timed runs after
@@ -196,20 +198,24 @@ def matmul_rate(dtype: str = "float32", repeats: int = 20, warmup: int = 5) -> d
 
     m, k, n = MATMUL_SHAPE
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(getattr(torch, dtype))
-    b = torch.randn(k, n, generator=gen).to(a.dtype)
-    out = torch.empty(m, n, dtype=a.dtype)
+    a = torch.randn(m, k, generator=gen).to(device, getattr(torch, dtype))
+    b = torch.randn(k, n, generator=gen).to(device, a.dtype)
+    out = torch.empty(m, n, dtype=a.dtype, device=device)
+    wait = torch.cuda.synchronize if a.is_cuda else lambda: None  # kernels run asynchronously
     for _ in range(warmup):
         torch.matmul(a, b, out=out)
     times = []
     for _ in range(repeats):
+        wait()
         start = time.perf_counter()
         torch.matmul(a, b, out=out)
+        wait()
         times.append(time.perf_counter() - start)
     flops = 2 * m * k * n
     return {
         "shape": f"[{m}, {k}] x [{k}, {n}]",
         "dtype": dtype,
+        "device": device,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "best_ms": min(times) * 1e3,
