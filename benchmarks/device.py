@@ -16,12 +16,15 @@ Prints a markdown table and writes docs/results/device-<cpu|cuda>.md.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +41,7 @@ ROWS = (1, 8, 32, 128)
 LEVELS = (0.95,)
 
 
-def batch_ms(call: object, budget_s: float) -> float:
+def batch_ms(call: Callable[[], object], budget_s: float) -> float:
     """Median wall time of `call()` in ms: two warm-up calls, then at least 5 timed ones and
     more while the budget lasts (summarize_batch returns host tensors: the device is done)."""
     call(), call()
@@ -51,45 +54,55 @@ def batch_ms(call: object, budget_s: float) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(device: torch.device, budget_s: float) -> tuple[dict[str, dict], list[dict]]:
+def measure(device: torch.device, budget_s: float) -> list[dict]:
+    """On a CPU, at one intra-op thread (a server's batch worker, one per core, uses one) and
+    at torch's default; each against the matmul rate at the same threads."""
     workload = WORKLOADS["large"]
-    rates = {p: matmul_rate(p, device=str(device)) for p in PRECISIONS}
+    threads = [1, torch.get_num_threads()] if device.type == "cpu" else [torch.get_num_threads()]
     results = []
     with tempfile.TemporaryDirectory(prefix="credence-device-") as tmp:
         path = build_checkpoint(workload, Path(tmp))
         gen = torch.Generator().manual_seed(0)
-        for precision in PRECISIONS:
+        for n_threads, precision in itertools.product(sorted(set(threads)), PRECISIONS):
+            torch.set_num_threads(n_threads)
+            rate = matmul_rate(precision, device=str(device))["gflops"]
             settings = Settings(model_dir=Path(tmp), precision=precision)
             loaded = load_version(path, device, settings)
             for rows in ROWS:
                 x = torch.randn(rows, workload.in_features, generator=gen)
                 seeds = torch.arange(rows, dtype=torch.int64) * 7919 + 1  # one-row requests
                 groups = [(workload.num_samples, LEVELS, None)]
-                ms = batch_ms(lambda: summarize_batch(loaded, x, seeds, groups), budget_s)
+                call = functools.partial(summarize_batch, loaded, x, seeds, groups)
+                ms = batch_ms(call, budget_s)
                 gflops = rows * workload.flops_per_request / (ms / 1e3) / 1e9
                 results.append(
                     {
+                        "threads": n_threads,
                         "precision": precision,
+                        "matmul_gflops": rate,
                         "rows": rows,
                         "ms": ms,
                         "rows_per_s": rows / (ms / 1e3),
                         "gflops": gflops,
-                        "of_matmul": gflops / rates[precision]["gflops"],
+                        "of_matmul": gflops / rate,
                     }
                 )
-                print(f"{precision} {rows:4d} rows: {ms:8.2f} ms, {gflops:8.1f} GFLOP/s")
-    return rates, results
+                print(
+                    f"{n_threads} thread(s) {precision} {rows:4d} rows: {ms:8.2f} ms, "
+                    f"{gflops:8.1f} GFLOP/s ({gflops / rate:.1%} of {rate:.0f})"
+                )
+    return results
 
 
-def table(rates: dict[str, dict], results: list[dict]) -> str:
+def table(results: list[dict]) -> str:
     lines = [
-        "| precision | matmul GFLOP/s | rows (requests) | ms per batch | rows/s "
+        "| threads | precision | matmul GFLOP/s | rows (requests) | ms per batch | rows/s "
         "| model GFLOP/s | of the matmul rate |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['precision']} | {rates[r['precision']]['gflops']:.0f} | {r['rows']} "
+            f"| {r['threads']} | {r['precision']} | {r['matmul_gflops']:.0f} | {r['rows']} "
             f"| {r['ms']:.2f} | {r['rows_per_s']:.0f} | {r['gflops']:.1f} "
             f"| {r['of_matmul']:.1%} |"
         )
@@ -102,7 +115,7 @@ def machine(device: torch.device) -> str:
         where = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host {where}"
     return (
         f"`uname -m` {platform.machine()}, {where}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} intra-op threads, Python {platform.python_version()}"
+        f"Python {platform.python_version()}"
     )
 
 
@@ -115,8 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     started = time.perf_counter()
-    rates, results = measure(device, args.budget_s)
-    body = table(rates, results)
+    body = table(measure(device, args.budget_s))
     workload = WORKLOADS["large"]
     text = (
         f"# A batch's computation on {device.type.upper()}\n\n"
@@ -128,9 +140,9 @@ def main() -> None:
         "its own seed. Model GFLOP/s counts "
         f"{workload.flops_per_request / 1e6:.1f} MFLOP per row (the count "
         "`benchmarks/serve.py` uses); the matmul rate is the best of 20 "
-        "[2048, 1024] x [1024, 1024] products in that dtype on the same device, timed in the "
-        "same process just before. No HTTP and no client: the most the served model's own "
-        "path reaches on this device.\n\n"
+        "[2048, 1024] x [1024, 1024] products in that dtype on the same device at the same "
+        "intra-op threads, timed in the same process just before. No HTTP and no client: "
+        "the most the served model's own path reaches on this device.\n\n"
         f"{body}\n\n"
     )
     write_report(
