@@ -69,6 +69,18 @@ def test_keys_computed_in_torch_are_the_bits_numpy_computes():
     torch.testing.assert_close(rng._seed_keys(seeds), rng.seed_keys(seeds), rtol=0, atol=0)
 
 
+def test_mask_halves_are_the_same_bits_through_either_view():
+    """Off the CPU the mask words come from the signed 16-bit view; here both run."""
+    words = rng._bits32(rng.draw_keys(torch.arange(5), 7, stream=1), 33)
+    for size in (1, 64, 65, 66):
+        torch.testing.assert_close(
+            rng._halves(words, size, unsigned=False),
+            rng._halves(words, size, unsigned=True),
+            rtol=0,
+            atol=0,
+        )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_keys_on_cuda_stay_there_and_match_the_cpu():
     seeds = torch.tensor([3, 1 << 40, 12345])
