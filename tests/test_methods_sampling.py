@@ -147,6 +147,16 @@ def test_mc_dropout_in_16_bits_draws_what_float32_draws_to_its_rounding(
     assert not torch.equal(half, full)  # it really ran in 16 bits
 
 
+def test_mc_dropout_per_row_masks_draw_what_sample_draws() -> None:
+    """The path a CUDA graph captures makes each row's masks from its own seed; repeated
+    seeds (the rows of one request) must still share theirs."""
+    model = _model("mc_dropout")
+    x, seeds = _inputs("mc_dropout", 6), torch.tensor([3, 9, 3, 1, 4, 1])
+    torch.testing.assert_close(
+        model.sample_per_row(x, 40, seeds), model.sample(x, 40, seeds), rtol=0, atol=0
+    )
+
+
 def test_mc_dropout_refuses_a_precision_it_cannot_serve() -> None:
     with pytest.raises(ValueError, match=r"float32, bfloat16 or float16, not torch\.int8"):
         _model("mc_dropout").to_precision(torch.int8)

@@ -85,7 +85,10 @@ class PosteriorModel(nn.Module):
 
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        raw = self.raw_draws(self.normalizer.inputs(x), n, seeds)
+        return self._draws(self.raw_draws(self.normalizer.inputs(x), n, seeds))
+
+    def _draws(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs -> draws in original units."""
         # a body in 16 bits (MCDropoutMLP.to_precision) hands the head float32
         draws = self.head.per_draw(raw.to(torch.promote_types(raw.dtype, torch.float32)))
         if isinstance(self.head, GaussianHead):
@@ -138,13 +141,28 @@ class MCDropoutMLP(PosteriorModel):
                 h = self.activation(h)
         return h
 
+    @torch.inference_mode()
+    def sample_per_row(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        """`sample`'s draws, with every row's masks made from its own seed, repeated seeds
+        too. No step's size depends on the seeds' values (as torch.unique's does), so nothing
+        waits for the device: this is what a CUDA graph can capture (service.cuda_graphs)."""
+        return self._draws(self._raw_draws(self.normalizer.inputs(x), n, seeds, None))
+
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        """Layers before the first dropout run once for all draws; the rest run on chunks of
-        draws small enough that each layer's activations stay in a core's L2 cache (a
-        large model's masks and activations are several passes over megabytes each)."""
         unique, row_of = torch.unique(seeds, return_inverse=True)
         if unique.numel() == seeds.numel():  # one seed per row: masks per row, no gather
-            unique, row_of = seeds, None
+            return self._raw_draws(z, n, seeds, None)
+        return self._raw_draws(z, n, unique, row_of)
+
+    def _raw_draws(
+        self, z: torch.Tensor, n: int, unique: torch.Tensor, row_of: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Draws with the masks of seeds `unique`, row i taking those of unique[row_of[i]]
+        (row_of None: unique[i]).
+
+        Layers before the first dropout run once for all draws; the rest run on chunks of
+        draws small enough that each layer's activations stay in a core's L2 cache (a
+        large model's masks and activations are several passes over megabytes each)."""
         keep, activation = 1 - self.p, self.activation_name
         plan = [  # (layer, keys of its input's dropout masks or None)
             (layer, rng.draw_keys(unique, n, stream=i) if self._dropped(i) else None)
