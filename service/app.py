@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import protocol
 from service.batcher import Batcher
 from service.cpus import available_cores
+from service.cuda_graphs import GraphedSampler
 from service.errors import ApiError, Problem, error_body
 from service.gateway import (
     Gateway,
@@ -82,6 +83,7 @@ def version_state(model: LoadedModel | FailedModel) -> dict:
         "state": "loaded",
         "device": str(model.device),
         "precision": model.precision,
+        "cuda_graphs": isinstance(model.model, GraphedSampler),
         "created_at": manifest.get("created_at"),
         "metrics": manifest.get("metrics"),
     }

@@ -36,6 +36,7 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
         str,
         "float32, or bfloat16 or float16 for MC-dropout models' layers (torch backend)",
     ),
+    "cuda_graphs": (str, "true: MC-dropout draws replayed from CUDA graphs (on CUDA)"),
     "log_level": (str, "critical, error, warning, info or debug"),
     "access_log": (
         str,

@@ -17,12 +17,14 @@ from typing import Protocol
 
 import torch
 
+from service.cuda_graphs import GraphedSampler
 from service.errors import ApiError
 from service.onnx_backend import load_onnx
 from service.settings import Settings
 from training.calibration import Calibration, CalibrationError, parse_calibration
 from training.checkpoint import NAME_PATTERN, CheckpointError, list_versions, read_checkpoint
 from training.fit import is_small
+from training.model import MCDropoutMLP, PosteriorModel
 
 log = logging.getLogger("credence.registry")
 
@@ -200,8 +202,26 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
     model: Sampler = module
     if settings.backend == "onnx":
         model = load_onnx(checkpoint, settings.torch_threads, small)
+    elif settings.cuda_graphs:
+        model = graphed(module, spec, device, settings)
     check_model(model, spec, device)
     return LoadedModel(spec, model, device, path, small=small, precision=precision)
+
+
+def graphed(
+    module: PosteriorModel, spec: ModelSpec, device: torch.device, settings: Settings
+) -> Sampler:
+    """The module's draws from CUDA graphs where they apply, else the module itself (with a
+    warning that says why)."""
+    why = None
+    if device.type != "cuda":
+        why = f"the model is on {device.type}, not CUDA"
+    elif not isinstance(module, MCDropoutMLP):
+        why = f"they apply to MC-dropout models; this is a {spec.method} model"
+    if why is None:
+        return GraphedSampler(module, settings.max_batch_rows)
+    log.warning("%s v%d: cuda_graphs ignored: %s", spec.name, spec.version, why)
+    return module
 
 
 class Registry:

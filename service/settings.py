@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         "accumulated in float32 (bfloat16 on AMX CPUs and CUDA, float16 on CUDA); other models "
         "stay float32",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="replay MC-dropout models' draws from CUDA graphs, one per bucket of "
+        "batch rows and draws (on CUDA; elsewhere ignored with a warning)",
+    )
     log_level: LogLevel = "info"
     access_log: bool = Field(
         False, description="a log line per HTTP request (at log level info); metrics count them"

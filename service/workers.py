@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from service.cuda_graphs import GraphedSampler
 from service.onnx_backend import OnnxSampler
 from service.registry import LoadedModel, load_version
 from service.settings import Settings
@@ -88,11 +89,12 @@ def release_weights(model: object) -> None:
     Each worker loads its own from the checkpoint (again when it is restarted), so the
     server's would only hold the weights once more: a multi-gigabyte model would take its
     size times the workers plus one. A torch module moves to the meta device, where it keeps
-    its shapes; an onnxruntime sampler drops its session. Computing with either fails loudly.
+    its shapes; an onnxruntime sampler drops its session, a graphed one its graphs and module.
+    Computing with any of them fails loudly.
     """
     if isinstance(model, torch.nn.Module):
         model.to(torch.device("meta"))
-    elif isinstance(model, OnnxSampler):
+    elif isinstance(model, OnnxSampler | GraphedSampler):
         model.release()
 
 

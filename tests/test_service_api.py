@@ -107,6 +107,7 @@ def test_model_listing_and_detail(client: Client) -> None:
     assert detail["versions"][0]["state"] == "loaded"
     assert detail["versions"][0]["device"] == "cpu"
     assert detail["versions"][0]["precision"] == "float32"
+    assert detail["versions"][0]["cuda_graphs"] is False
     assert client.get("/v1/models/clf").json()["output"]["names"] == CLASSES
 
 
