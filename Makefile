@@ -9,7 +9,7 @@ MODEL_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo test lint format bench-uci bench-methods bench-serve clean
+.PHONY: install demo test lint format bench-uci bench-methods bench-serve bench-device clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,9 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench-serve: install
 	$(BIN)/python benchmarks/serve.py
+
+bench-device: install
+	$(BIN)/python benchmarks/device.py
 
 bench-methods: install
 	$(BIN)/python benchmarks/methods_vectorization.py
