@@ -8,7 +8,7 @@ weights) in a temporary model dir of its own, one instance per request:
 
 For each workload, one server at a time on 127.0.0.1, each in its own subprocess:
 
-    credence  .venv/bin/credence-serve --model-dir DIR --port P --log-level warning
+    credence  .venv/bin/credence-serve --model-dir DIR --port P --device D --log-level warning
     credence-bf16  the same with --precision bfloat16 (large workload only)
     ceiling   bare FastAPI + uvicorn (uvloop, httptools, no access log), same route, parses
               the JSON body and returns a precomputed body captured from Credence (no model)
@@ -27,7 +27,10 @@ Before any server starts, the benchmark's own process times torch's matmul (floa
 bfloat16) of the large model's big layer ([2048, 1024] x [1024, 1024]) to report the large
 workload's model FLOP rate as a fraction of what this machine's matmul reaches.
 
-    .venv/bin/python benchmarks/serve.py [--quick] [--workload small|large|both]
+    .venv/bin/python benchmarks/serve.py [--quick] [--workload small|large|both] [--device D]
+
+D is where Credence and the naive server compute and the matmul rate is timed: cpu (the
+default, and what the targets are for), or cuda on a machine with a GPU.
 
 Prints markdown tables and writes docs/results/serving.md and docs/results/serving.json.
 The same file is also the ceiling/floor/naive server (`--serve ceiling|floor|naive --workload
@@ -277,7 +280,7 @@ def floor_app(model_dir: Path) -> Any:
     return app
 
 
-def naive_app(workload: Workload, model_dir: Path) -> "FastAPI":
+def naive_app(workload: Workload, model_dir: Path, device: str = "cpu") -> "FastAPI":
     """How tutorials serve MC dropout: one forward pass per draw, in a Python loop."""
     import torch
     from fastapi import FastAPI
@@ -285,7 +288,7 @@ def naive_app(workload: Workload, model_dir: Path) -> "FastAPI":
 
     from training.checkpoint import latest_checkpoint
 
-    model = latest_checkpoint(model_dir, workload.name).build()
+    model = latest_checkpoint(model_dir, workload.name).build(device)
     labels = list(workload.output_names)
     app = FastAPI()
 
@@ -342,11 +345,11 @@ def naive_app(workload: Workload, model_dir: Path) -> "FastAPI":
 
     @app.post("/v1/models/{name}:predict")
     def predict(name: str, body: PredictBody) -> dict:
-        x = torch.tensor(body.instances, dtype=torch.float32)
+        x = torch.tensor(body.instances, dtype=torch.float32, device=device)
         base = random.getrandbits(62)
         draws = []
         for i in range(body.parameters.num_samples):
-            seeds = torch.full((x.shape[0],), base + i, dtype=torch.int64)
+            seeds = torch.full((x.shape[0],), base + i, dtype=torch.int64, device=device)
             draws.append(model.sample(x, 1, seeds)[0])
         return {
             "model_name": name,
@@ -363,11 +366,11 @@ def naive_app(workload: Workload, model_dir: Path) -> "FastAPI":
     return app
 
 
-def serve(kind: str, workload: Workload, port: int, model_dir: Path) -> None:
+def serve(kind: str, workload: Workload, port: int, model_dir: Path, device: str) -> None:
     import uvicorn
 
     apps = {"ceiling": ceiling_app, "floor": floor_app}
-    app = apps[kind](model_dir) if kind in apps else naive_app(workload, model_dir)
+    app = apps[kind](model_dir) if kind in apps else naive_app(workload, model_dir, device)
     uvicorn.run(
         app,
         host=HOST,
@@ -380,14 +383,16 @@ def serve(kind: str, workload: Workload, port: int, model_dir: Path) -> None:
     )
 
 
-def server_command(kind: str, workload: Workload, port: int, model_dir: Path) -> list[str]:
+def server_command(
+    kind: str, workload: Workload, port: int, model_dir: Path, device: str = "cpu"
+) -> list[str]:
     if kind in ("credence", BF16):
         exe = str(Path(sys.executable).with_name("credence-serve"))
         args = ["--model-dir", str(model_dir), "--host", HOST, "--port", str(port)]
-        args += ["--precision", "bfloat16"] if kind == BF16 else []
+        args += ["--device", device, *(["--precision", "bfloat16"] if kind == BF16 else [])]
         return [exe, *args, "--log-level", "warning"]
     args = ["--serve", kind, "--workload", workload.name, "--port", str(port)]
-    return [sys.executable, __file__, *args, "--model-dir", str(model_dir)]
+    return [sys.executable, __file__, *args, "--model-dir", str(model_dir), "--device", device]
 
 
 def wait_ready(proc: subprocess.Popen, port: int) -> None:
@@ -793,7 +798,11 @@ def open_loop_section(o: dict[str, Any]) -> str:
 
 
 def run_workload(
-    workload: Workload, concurrencies: list[int], warmup_s: float, duration_s: float
+    workload: Workload,
+    concurrencies: list[int],
+    warmup_s: float,
+    duration_s: float,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Every server on one workload; Credence and the ceiling also get the open-loop runs."""
     results: dict[str, list[dict]] = {}
@@ -806,7 +815,8 @@ def run_workload(
                 continue
             port = free_port()
             proc = subprocess.Popen(
-                server_command(server, workload, port, model_dir), stdin=subprocess.DEVNULL
+                server_command(server, workload, port, model_dir, device),
+                stdin=subprocess.DEVNULL,
             )
             try:
                 wait_ready(proc, port)
@@ -870,6 +880,8 @@ def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | No
     if w.report_flops and matmul:
         later = " + ".join(f"{a}x{b}" for a, b in itertools.pairwise(w.widths[1:]))
         m, b = matmul["float32"], matmul["bfloat16"]
+        cpu = m["device"] == "cpu"
+        where = "this machine's" if cpu else f"the {m['device']} device's"
         lines += [
             "",
             f"Model FLOPs per request = 2 x ({w.widths[0]}x{w.widths[1]} + {w.num_samples} x "
@@ -878,12 +890,16 @@ def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | No
             "every later layer runs once per draw (biases, activations and masks left out).",
             "The model GFLOP/s column is req/s x that, for the naive server too (which in fact",
             "recomputes the first layer for every draw: it does more work than it is credited",
-            'with). "of matmul rate" divides it by this machine\'s fp32 matmul rate,',
+            f'with). "of matmul rate" divides it by {where} fp32 matmul rate,',
             f"{m['gflops']:.1f} GFLOP/s: the best of {m['repeats']} timed {m['shape']} matmuls",
-            f"after warm-up at torch's default {m['threads']} threads, in the benchmark's own",
+            f"after warm-up at torch's default {m['threads']} threads, in the benchmark's own"
+            if cpu
+            else f"after warm-up on {m['device']}, in the benchmark's own",
             f"process before any server started (median {m['median_gflops']:.1f} GFLOP/s).",
             f"For **{BF16}** (Credence with `--precision bfloat16`: the layers in bfloat16,",
-            "products accumulated in float32 on this CPU's AMX units) it divides by the",
+            "products accumulated in float32 on this CPU's AMX units) it divides by the"
+            if cpu
+            else "products accumulated in float32 on tensor cores) it divides by the",
             f"bfloat16 matmul rate, {b['gflops']:.1f} GFLOP/s, timed the same way (median",
             f"{b['median_gflops']:.1f}): each server against what its arithmetic can reach.",
         ]
@@ -905,7 +921,7 @@ def main_bench(args: argparse.Namespace) -> None:
     started = time.monotonic()
     matmul = None
     if any(w.report_flops for w in workloads):  # before any server: nothing else running
-        matmul = {dtype: matmul_rate(dtype) for dtype in ("float32", "bfloat16")}
+        matmul = {d: matmul_rate(d, device=args.device) for d in ("float32", "bfloat16")}
         for m in matmul.values():
             print(
                 f"matmul {m['shape']} {m['dtype']}, {m['threads']} threads: best "
@@ -914,7 +930,7 @@ def main_bench(args: argparse.Namespace) -> None:
             )
     sections: dict[str, dict[str, Any]] = {}
     for w in workloads:
-        data = run_workload(w, concurrencies, warmup_s, duration_s)
+        data = run_workload(w, concurrencies, warmup_s, duration_s, args.device)
         if w.report_flops and matmul:
             add_flop_rates(w, data["results"], matmul)
         data["settings"] = {
@@ -934,6 +950,8 @@ def main_bench(args: argparse.Namespace) -> None:
     command = ".venv/bin/python benchmarks/serve.py" + (" --quick" if args.quick else "")
     if args.workload != "both":
         command += f" --workload {args.workload}"
+    if args.device != "cpu":
+        command += f" --device {args.device}"
     machine = machine_record()
     settings = {
         "warmup_s": warmup_s,
@@ -943,6 +961,7 @@ def main_bench(args: argparse.Namespace) -> None:
         "open_loop_max_connections": OPEN_LOOP_MAX_CONNECTIONS,
         "open_loop_runs": OPEN_LOOP_RUNS,
         "request_timeout_s": REQUEST_TIMEOUT_S,
+        "device": args.device,
         "wall_s": round(elapsed, 1),
     }
     out = ROOT / "docs" / "results"
@@ -974,10 +993,11 @@ in-flight request) keeps C requests in flight for {duration_s:g} s after a {warm
 warm-up; latency is per request, client-side. Servers run one at a time on 127.0.0.1, each
 in its own process, with a checkpoint dir holding only that workload's model:
 
-- **credence**: `credence-serve --model-dir DIR --port P --log-level warning` (defaults
-  otherwise: dynamic batching; the small model's batches computed one at a time on the
-  event loop's thread, the large one's one per core in a worker process each, one torch
-  thread per batch; the server's CPU time includes its worker processes').
+- **credence**: `credence-serve --model-dir DIR --port P --device {args.device}
+  --log-level warning` (defaults otherwise: dynamic batching; the small model's batches
+  computed one at a time on the event loop's thread, the large one's one per core in a
+  worker process each, one torch thread per batch; the server's CPU time includes its
+  worker processes').
 - **credence-bf16** (large workload only): the same with `--precision bfloat16`.
 - **ceiling**: bare FastAPI + uvicorn (uvloop, httptools, access log off) on the same
   route; parses the JSON body and returns a body captured from Credence for that workload.
@@ -1032,13 +1052,19 @@ def main() -> None:
     parser.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where Credence and the naive server compute and the matmul rate is timed: cpu "
+        "(default; the targets are for the CPU), cuda or cuda:<i>",
+    )
     args = parser.parse_args()
     if args.serve or args.loadgen:
         if args.workload == "both":
             parser.error("--serve and --loadgen need --workload small|large")
         workload = WORKLOADS[args.workload]
     if args.serve:
-        serve(args.serve, workload, args.port, args.model_dir)
+        serve(args.serve, workload, args.port, args.model_dir, args.device)
     elif args.loadgen:
         import uvloop
 
