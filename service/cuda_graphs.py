@@ -1,14 +1,14 @@
 """CUDA graphs for MC-dropout draws (CREDENCE_CUDA_GRAPHS).
 
-A batch's draws are some fifty small kernels per layer chunk; launched one at a time, a
-small model's batch costs the host more than the GPU. A CUDA graph records them once and
-replays them in one launch. A graph replays fixed shapes at fixed addresses, so a batch is
-copied into static buffers sized for a bucket of rows (the next power of two) and draws
-(the next power of two too: draw i of a seed depends only on the seed and i, so a request
-takes the first n draws of a larger bucket and gets exactly the draws it would get alone),
-and the graph of each (rows, draws) bucket is recorded the first time it is needed. The
-padding rows compute draws nobody reads; rows never mix (each has its own seed and its own
-row of every product).
+A batch's draws are dozens of small kernels per layer (the dropout masks' hash alone is a
+dozen); launched one at a time, a small model's batch costs the host more than the GPU. A
+CUDA graph records them once and replays them in one launch. A graph replays fixed shapes
+at fixed addresses, so a batch is copied into static buffers sized for a bucket of rows
+(the next power of two) and draws (the next power of two too: draw i of a seed depends only
+on the seed and i, so a request takes the first n draws of a larger bucket and gets exactly
+the draws it would get alone), and the graph of each (rows, draws) bucket is recorded the
+first time it is needed. The padding rows compute draws nobody reads; rows never mix (each
+has its own seed and its own row of every product).
 """
 
 from __future__ import annotations

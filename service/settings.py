@@ -95,6 +95,8 @@ class Settings(BaseSettings):
                 f"backend onnx runs the exported float32 graph; precision {self.precision!r} "
                 "needs backend torch"
             )
+        if self.backend == "onnx" and self.cuda_graphs:
+            raise ValueError("backend onnx runs on onnxruntime; cuda_graphs needs backend torch")
         return self
 
     @model_validator(mode="after")

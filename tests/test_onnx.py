@@ -357,3 +357,5 @@ def test_backend_setting_from_environment_and_flag(monkeypatch: pytest.MonkeyPat
         Settings(backend="onnx", device="cuda")
     with pytest.raises(ValidationError, match="precision 'bfloat16' needs backend torch"):
         Settings(backend="onnx", precision="bfloat16")
+    with pytest.raises(ValidationError, match="cuda_graphs needs backend torch"):
+        Settings(backend="onnx", cuda_graphs=True)
