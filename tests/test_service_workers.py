@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import uvloop
@@ -14,6 +15,7 @@ from conftest import (
     classification_manifest,
     classification_model,
     make_settings,
+    serve,
 )
 
 from service.registry import Registry
@@ -87,3 +89,29 @@ def test_a_batch_on_cuda_summarizes_what_the_cpu_does_and_returns_host_tensors(
         for key, value in expected[0].items():
             assert got[0][key].device.type == "cpu", key
             torch.testing.assert_close(got[0][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"cuda_graphs": True}, {"precision": "float16", "cuda_graphs": True}],
+    ids=["eager", "cuda-graphs", "float16-cuda-graphs"],
+)
+def test_the_server_on_cuda_answers_what_it_answers_on_the_cpu(
+    model_dir: Path, overrides: dict
+) -> None:
+    """End to end on a GPU: a worker process of its own (the default there), pinned copies,
+    and the options, against the CPU's answer to the same seeded request."""
+    body = {"instances": [[0.1, -0.2, 0.3], [1.0, 0.5, -1.5]], "parameters": {"seed": 11}}
+    with serve(make_settings(model_dir)) as live:
+        expected = live.post("/v1/models/reg:predict", json=body).json()["predictions"]
+    with serve(make_settings(model_dir, device="cuda", **overrides)) as live:
+        version = live.get("/v1/models/reg").json()["versions"][0]
+        got = live.post("/v1/models/reg:predict", json=body)
+    assert version["device"].startswith("cuda")
+    assert version["cuda_graphs"] is overrides.get("cuda_graphs", False)
+    assert got.status_code == 200, got.text
+    tolerance = 1e-2 if "precision" in overrides else 1e-4  # float16 rounds at 2^-11
+    for mine, theirs in zip(got.json()["predictions"], expected, strict=True):
+        for key in ("mean", "std"):
+            np.testing.assert_allclose(mine[key], theirs[key], rtol=tolerance, atol=tolerance)
