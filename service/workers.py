@@ -58,7 +58,7 @@ def summarize_batch(
             selected = selected[:, torch.tensor(rows, device=device)]
         # the spec's calibration (if any) is applied here
         summaries.append(summarize(spec.task, selected, levels, spec.calibration))
-    return to_host(summaries)
+    return to_host(summaries, device)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -70,16 +70,14 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def to_host(summaries: list[Summary]) -> list[Summary]:
-    """The summaries on the CPU. From CUDA every field is copied without waiting (into
-    page-locked memory), then the host waits once for all of them, where a plain copy per
-    field would wait for each."""
-    fields = [value for summary in summaries for value in summary.values()]
-    if all(value.device.type == "cpu" for value in fields):
+def to_host(summaries: list[Summary], device: torch.device) -> list[Summary]:
+    """Summaries computed on `device`, on the CPU. From CUDA every field is copied without
+    waiting (into page-locked memory), then the host waits once for all of them, where a
+    plain copy per field would wait for each."""
+    if device.type != "cuda":
         return summaries
     host = [{k: v.to("cpu", non_blocking=True) for k, v in s.items()} for s in summaries]
-    for device in {value.device for value in fields if value.device.type == "cuda"}:
-        torch.cuda.synchronize(device)
+    torch.cuda.synchronize(device)
     return host
 
 

@@ -65,7 +65,7 @@ def test_a_worker_process_computes_what_the_server_would_for_batches_of_megabyte
 
 def test_summaries_come_back_to_the_host_untouched_on_the_cpu() -> None:
     summaries = [{"mean": torch.ones(2)}, {"std": torch.zeros(3)}]
-    assert to_host(summaries) is summaries
+    assert to_host(summaries, torch.device("cpu")) is summaries
     x = torch.arange(3.0)
     assert to_device(x, torch.device("cpu")) is x
 
