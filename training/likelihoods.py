@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.pointwise import softplus
+
 MIN_VARIANCE = 1e-6
 NOISE_KINDS = ("homoscedastic", "heteroscedastic", "fixed")
 
@@ -46,7 +48,7 @@ class GaussianHead(nn.Module):
     def per_draw(self, raw: torch.Tensor) -> torch.Tensor:
         k = self.num_targets
         if self.noise == "heteroscedastic":
-            mean, variance = raw[..., :k], F.softplus(raw[..., k:]) + MIN_VARIANCE
+            mean, variance = raw[..., :k], softplus(raw[..., k:]) + MIN_VARIANCE
         else:
             mean, variance = raw, self.log_noise_variance.exp().expand_as(raw)
         return torch.cat([mean, variance], dim=-1)
