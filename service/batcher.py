@@ -3,16 +3,15 @@
 Whenever one of the version's batch workers is free, the task takes what is queued, up to
 `max_batch_rows` rows or until `max_batch_delay_ms` has passed since the first request (by
 default no wait: it takes what queued while the previous batch ran, so a lone request is not
-held back and a busy server still fills its batches), and the worker makes ONE
-`model.sample` call for the batch in a process of its own (service.workers). With no workers
-(`batch_workers` 0, a small model's default) batches are computed one at a time on the
-event loop's thread.
+held back and a busy server still fills its batches), and the worker makes one
+`model.sample` call per group of the batch's requests that share (num_samples,
+credible_levels), usually one for the whole batch, in a process of its own (service.workers).
+With no workers (`batch_workers` 0, a small model's default) batches are computed one at a
+time on the event loop's thread.
 
-Every row carries its request's seed, and draws depend only on the seed, so a seeded request
-gets the numbers it gets alone whatever it is batched with. Summaries are computed once per
-group of requests that share (num_samples, credible_levels); a request that asked for fewer
-samples than the batch's largest takes the first draws, which are the draws it would get
-alone.
+Every row carries its request's seed, and the model is told which rows are which request's,
+so a seeded request gets the bits it gets alone whatever it is batched with
+(training.segments).
 """
 
 from __future__ import annotations
@@ -301,7 +300,7 @@ class Batcher:
             rows = None
             if len(members) < len(batch):  # this group's rows only
                 rows = [row for i in members for row in range(offsets[i], offsets[i + 1])]
-            groups.append((n, levels, rows))
+            groups.append((n, levels, rows, [batch[i].rows for i in members]))
         return x, seeds, groups, list(by_key.values())
 
     def _render(
@@ -314,7 +313,7 @@ class Batcher:
         """Each request's response from its group's summaries (a failure fails it alone)."""
         spec = self.loaded.spec
         outcomes: list[bytes | BaseException] = [None] * len(batch)  # type: ignore[list-item]
-        for (_, levels, _), indices, summary in zip(groups, members, summaries, strict=True):
+        for (_, levels, _, _), indices, summary in zip(groups, members, summaries, strict=True):
             self._observe_uncertainty(summary)
             rendered = protocol.predictions(spec, summary, levels)
             start_row = 0

@@ -9,12 +9,16 @@ on the seed and i, so a request takes the first n draws of a larger bucket and g
 the draws it would get alone), and the graph of each (rows, draws) bucket is recorded the
 first time it is needed. The padding rows compute draws nobody reads; rows never mix (each
 has its own seed and its own row of every product).
+
+A graph's products span the whole bucket, so their kernels (and the order in which they add
+a product's terms) depend on the bucket, not on the request: a request's draws equal those of
+the eager path, and of itself in another batch, to float rounding rather than to the bit.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,10 +76,17 @@ class GraphedSampler:
         return self.model.task
 
     @torch.inference_mode()
-    def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+    def sample(
+        self,
+        x: torch.Tensor,
+        n: int,
+        seeds: torch.Tensor,
+        sizes: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The bucket's graph replayed (the requests' `sizes` do not change a graph)."""
         rows = x.shape[0]
         if bucket(rows) > bucket(self.max_rows):  # one request larger than any batch
-            return self.model.sample(x, n, seeds)
+            return self.model.sample(x, n, seeds, sizes)
         graph = self._graph(bucket(rows), bucket(n), x)
         graph.x[:rows].copy_(x)
         graph.seeds[:rows].copy_(seeds)

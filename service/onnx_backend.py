@@ -8,10 +8,14 @@ onnxruntime's CPU provider, whatever CREDENCE_DEVICE says.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from service.cpus import available_cores
+from training import segments
 from training.checkpoint import ONNX, Checkpoint, CheckpointError
 from training.onnx_export import EXPORTABLE_METHODS, run_draws, session
 
@@ -23,10 +27,23 @@ class OnnxSampler:
         self.task = task
         self.session = session(data, threads=threads)
 
-    def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+    def sample(
+        self,
+        x: torch.Tensor,
+        n: int,
+        seeds: torch.Tensor,
+        sizes: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """One run of the graph per request, on a copy of its rows: a request's draws are then
+        the same bits alone and in any batch (training.segments)."""
         x_np = x.detach().to("cpu", torch.float32).numpy()
         seeds_np = seeds.detach().to("cpu", torch.int64).numpy()
-        return torch.from_numpy(np.asarray(run_draws(self.session, x_np, n, seeds_np)))
+        bounds = segments.offsets(segments.runs(seeds) if sizes is None else sizes)
+        parts = [
+            np.asarray(run_draws(self.session, x_np[a:b].copy(), n, seeds_np[a:b].copy()))
+            for a, b in itertools.pairwise(bounds)
+        ]
+        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
 
     def release(self) -> None:
         """Drop the session and the weights it holds (service.workers.release_weights)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -116,7 +117,13 @@ class Sampler(Protocol):
     @property
     def task(self) -> str: ...
 
-    def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor: ...
+    def sample(
+        self,
+        x: torch.Tensor,
+        n: int,
+        seeds: torch.Tensor,
+        sizes: Sequence[int] | None = None,
+    ) -> torch.Tensor: ...
 
 
 def check_model(model: Sampler, spec: ModelSpec, device: torch.device) -> None:

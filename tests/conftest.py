@@ -150,3 +150,18 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if metric == name and got == want:
             return float(value)
     return 0.0
+
+
+def reordering_tolerance(model: PosteriorModel, draws: torch.Tensor) -> dict[str, float]:
+    """rtol and atol for two float32 evaluations of the same draws whose products add their
+    terms in different orders (other kernels, other chunks). Each is within gamma_K times
+    sum_k |x_k w_k| of the exact product, gamma_K = K u / (1 - K u), u = 2^-24 (Higham 2002,
+    eq. 3.4), and an error passes through at most every layer; for these small random
+    layers sum_k |x_k w_k| is within a factor 4 of the largest output (the margin for
+    cancellation), so the outputs agree to 2 * layers * gamma_K * 4 of that scale."""
+    widths = [p.shape[-1] for p in model.parameters() if p.dim() >= 2]
+    fan_in, layers = max(widths), len(widths)
+    u = 2.0**-24
+    gamma = fan_in * u / (1 - fan_in * u)
+    tol = 2 * layers * gamma * 4
+    return {"rtol": tol, "atol": tol * float(draws.abs().max())}

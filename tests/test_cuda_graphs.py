@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import classification_model, make_settings, regression_manifest, regression_model
+from conftest import (
+    classification_model,
+    make_settings,
+    regression_manifest,
+    regression_model,
+    reordering_tolerance,
+)
 
 from service import cuda_graphs
 from service.cuda_graphs import GraphedSampler, bucket, capture_cuda
@@ -32,8 +38,9 @@ def test_buckets_are_powers_of_two_from_eight() -> None:
 
 
 def test_padded_batches_draw_what_the_model_draws_for_the_same_rows() -> None:
-    """Rows pad to their bucket and draws take the first n of theirs: neither may change a
-    number (rows are independent; draw i depends only on the seed and i)."""
+    """Rows pad to their bucket and draws take the first n of theirs: the masks are the same
+    (draw i depends only on the seed and i), and the products, which span the bucket, agree
+    with the per-request path to rounding."""
     model = regression_model()
     graphed = GraphedSampler(model, max_rows=64, capture=eager_capture)
     gen = torch.Generator().manual_seed(0)
@@ -44,7 +51,7 @@ def test_padded_batches_draw_what_the_model_draws_for_the_same_rows() -> None:
         expected = model.sample(x, n, seeds)
         got = graphed.sample(x, n, seeds)
         assert got.shape == expected.shape
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got, expected, **reordering_tolerance(model, expected))
     assert set(graphed._graphs) == {(8, 8), (8, 64), (16, 128), (64, 32)}
 
 

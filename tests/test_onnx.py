@@ -21,6 +21,7 @@ from conftest import (
 from pydantic import ValidationError
 
 from service.cli import load_settings
+from service.onnx_backend import OnnxSampler
 from service.settings import Settings
 from training import cli as train_cli
 from training import onnx_export, rng
@@ -176,6 +177,19 @@ def test_same_seed_same_draws_other_seed_other_draws(graphs):
     # a request's draws do not depend on the rows it is batched with
     mixed = torch.cat([seeds[:3], torch.arange(5) + 100])
     np.testing.assert_array_equal(onnx_draws(data, x, 50, mixed)[:, :3], first[:, :3])
+
+
+def test_the_backend_gives_a_request_its_bits_alone_and_in_a_batch(graphs):
+    """The server's onnx sampler runs the graph once per request, so a request's products
+    have its own shape whatever it is batched with."""
+    model, data = graphs["classifier"]
+    sampler = OnnxSampler(data, model.task)
+    x, _ = inputs(7)
+    sizes = [2, 1, 4]
+    seeds = torch.tensor([5, 5, 5, 9, 9, 9, 9])  # the first two requests share a seed
+    batch = sampler.sample(x, 30, seeds, sizes)
+    for a, b in ((0, 2), (2, 3), (3, 7)):
+        assert torch.equal(sampler.sample(x[a:b], 30, seeds[a:b], [b - a]), batch[:, a:b])
 
 
 def test_dropout_survives_graph_optimization(graphs, tmp_path):

@@ -125,29 +125,31 @@ def test_seeded_request_gets_the_same_numbers_alone_and_in_any_batch(
         alone = live.post(url, json=target).json()
         alone_single = live.post(url, json=single).json()
         calls_before = model_calls(live, name)
-        batch = [*others[:12], target, *others[12:], single, target]
+        # the target twice in a row: two requests with one seed side by side in a batch
+        batch = [*others[:12], target, target, *others[12:], single, target]
         responses = live.gather(*((url, body) for body in batch))
         calls = model_calls(live, name) - calls_before
     assert all(r.status_code == 200 for r in responses)
     assert calls < len(batch) / 2  # the requests really were batched together
     assert responses[12].json() == alone
+    assert responses[13].json() == alone
     assert responses[-1].json() == alone
     assert responses[-2].json() == alone_single
 
 
 def test_draws_and_summaries_do_not_depend_on_the_batch() -> None:
-    """The two guarantees the batcher relies on, checked bit for bit on the core: a row's
-    draws depend only on its seed (and the first n of more draws are the n draws), and
-    a row's summaries depend only on its draws."""
+    """The two guarantees the batcher relies on, checked bit for bit on the core: a
+    request's draws depend only on its rows and seed, and a row's summaries depend only on
+    its draws."""
     generator = torch.Generator().manual_seed(0)
     seeds = torch.randint(0, 2**62, (41,), generator=generator)
     for model in (regression_model(), classification_model()):
         x = torch.randn(41, model.arch["in_features"], generator=generator)
-        batch = model.sample(x, 300, seeds)
-        summary = summarize(model.task, batch[:120], [0.9, 0.5])
+        batch = model.sample(x, 120, seeds)  # 41 one-row requests
+        summary = summarize(model.task, batch, [0.9, 0.5])
         for lo, hi in ((0, 1), (5, 6), (10, 17), (40, 41)):
             alone = model.sample(x[lo:hi], 120, seeds[lo:hi])
-            assert torch.equal(alone, batch[:120, lo:hi])
+            assert torch.equal(alone, batch[:, lo:hi])
             for key, value in summarize(model.task, alone, [0.9, 0.5]).items():
                 mine = (slice(None), slice(lo, hi)) if key in ("lower", "upper") else slice(lo, hi)
                 assert torch.equal(value, summary[key][mine]), key

@@ -42,8 +42,8 @@ def test_a_worker_process_computes_what_the_server_would_for_batches_of_megabyte
     loaded = Registry.load(tmp_path, torch.device("cpu"), settings).resolve("wide")
     x, seeds = torch.randn(256, WIDTH), torch.arange(256) * 7 + 1
     groups = [  # two groups of requests, different num_samples and levels
-        (40, (0.9,), list(range(0, 256, 2))),
-        (10, (0.5, 0.9), list(range(1, 256, 2))),
+        (40, (0.9,), list(range(0, 256, 2)), [1] * 128),
+        (10, (0.5, 0.9), list(range(1, 256, 2)), [1] * 128),
     ]
     expected = summarize_batch(loaded, x, seeds, groups)
 

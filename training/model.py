@@ -1,10 +1,13 @@
 """Posterior models and the one sampler contract every method implements.
 
-    sample(x: Tensor[B, *input_shape], n, seeds: Tensor[B]) -> Tensor[n, B, *out]
+    sample(x: Tensor[B, *input_shape], n, seeds: Tensor[B], sizes=None) -> Tensor[n, B, *out]
 
-Draw `s` is one posterior draw of all weights applied to every row that shares a seed, so
-the draws of one request are joint across its rows; rows with different seeds (different
-requests in one server batch) get independent draws that depend only on their own seed.
+The rows are those of consecutive requests, `sizes[i]` rows each (None: one request per run of
+equal consecutive seeds), and every row carries its request's seed. Draw `s` is one posterior
+draw of all weights applied to every row of a request, so a request's draws are joint across
+its rows; requests with different seeds get independent draws. A request's draws are a
+function of the request alone (its rows, seed and n), to the bit: its products are calls of
+its own (training.segments), so what else shares the batch changes nothing.
 Inputs go in, and draws come out, in original units: the model carries its normalization.
 Regression draws hold the per-draw Gaussian mean and variance side by side on the last axis
 ([..., :k] and [..., k:]); classification draws are logits.
@@ -12,20 +15,21 @@ Regression draws hold the per-draw Gaussian mean and variance side by side on th
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import rng
+from training import rng, segments
 from training.likelihoods import CategoricalHead, GaussianHead, build_head
+from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 
-ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
-# Inference on fresh tensors: no autograd, so no need for a new output per activation
-# (gelu has no in-place form)
-IN_PLACE_ACTIVATIONS = {"relu": torch.relu_, "tanh": torch.tanh_, "gelu": F.gelu}
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 CHUNK_BYTES = 1 << 20  # per activation tensor, half a core's L2 on the benchmark machine
 
@@ -72,8 +76,22 @@ class PosteriorModel(nn.Module):
         return {"method": self.method, "arch": self.arch, "likelihood": self.head.config()}
 
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        """Standardized inputs [B, D] -> raw head outputs [n, B, raw_features]."""
+        """One request's standardized inputs [B, D] (fresh: aligned as an allocation is) ->
+        raw head outputs [n, B, raw_features]."""
         raise NotImplementedError
+
+    def request_draws(
+        self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """Raw head outputs [n, B, raw_features] of every request in the batch, each computed
+        from its own rows alone (the normalization is elementwise, so its output for a
+        request is the same fresh tensor alone and here)."""
+        bounds = segments.offsets(sizes)
+        parts = [
+            self.raw_draws(self.normalizer.inputs(x[a:b]), n, seeds[a:b])
+            for a, b in itertools.pairwise(bounds)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Training pass on standardized inputs: one stochastic draw per row."""
@@ -84,8 +102,17 @@ class PosteriorModel(nn.Module):
         return torch.zeros(())
 
     @torch.inference_mode()
-    def sample(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        return self._draws(self.raw_draws(self.normalizer.inputs(x), n, seeds))
+    def sample(
+        self,
+        x: torch.Tensor,
+        n: int,
+        seeds: torch.Tensor,
+        sizes: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        if sizes is None:
+            sizes = segments.runs(seeds)
+        segments.check_sizes(sizes, x.shape[0])
+        return self._draws(self.request_draws(x, n, seeds, sizes))
 
     def _draws(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw head outputs -> draws in original units."""
@@ -143,29 +170,19 @@ class MCDropoutMLP(PosteriorModel):
 
     @torch.inference_mode()
     def sample_per_row(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        """`sample`'s draws, with every row's masks made from its own seed, repeated seeds
-        too. No step's size depends on the seeds' values (as torch.unique's does), so nothing
-        waits for the device: this is what a CUDA graph can capture (service.cuda_graphs)."""
-        return self._draws(self._raw_draws(self.normalizer.inputs(x), n, seeds, None))
+        """`sample`'s draws with the whole batch in each product, every row's masks made from
+        its own seed. No step's size depends on the seeds' values or on the requests, so
+        nothing waits for the device: this is what a CUDA graph can capture
+        (service.cuda_graphs). The products' kernels then depend on the batch's shape, so the
+        draws equal `sample`'s to float rounding, not to the bit."""
+        return self._draws(self._batch_draws(self.normalizer.inputs(x), n, seeds))
 
-    def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        unique, row_of = torch.unique(seeds, return_inverse=True)
-        if unique.numel() == seeds.numel():  # one seed per row: masks per row, no gather
-            return self._raw_draws(z, n, seeds, None)
-        return self._raw_draws(z, n, unique, row_of)
-
-    def _raw_draws(
-        self, z: torch.Tensor, n: int, unique: torch.Tensor, row_of: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Draws with the masks of seeds `unique`, row i taking those of unique[row_of[i]]
-        (row_of None: unique[i]).
-
-        Layers before the first dropout run once for all draws; the rest run on chunks of
-        draws small enough that each layer's activations stay in a core's L2 cache (a
-        large model's masks and activations are several passes over megabytes each)."""
+    def _batch_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        """Layers before the first dropout run once for all draws; the rest run on chunks of
+        draws small enough that each layer's activations stay in a core's L2 cache."""
         keep, activation = 1 - self.p, self.activation_name
         plan = [  # (layer, keys of its input's dropout masks or None)
-            (layer, rng.draw_keys(unique, n, stream=i) if self._dropped(i) else None)
+            (layer, rng.draw_keys(seeds, n, stream=i) if self._dropped(i) else None)
             for i, layer in enumerate(self.layers)
         ]
         h = z.to(self.layers[0].weight.dtype)
@@ -182,11 +199,70 @@ class MCDropoutMLP(PosteriorModel):
             for j, (layer, keys) in enumerate(plan):
                 scale = 1.0
                 if keys is not None:
-                    g = _dropout(g, keys[start : start + step], row_of, keep)
+                    g = _dropout(g, keys[start : start + step], keep)
                     scale = 1 / keep
                 g = _linear(g, layer, scale, activation if j < len(plan) - 1 else None)
             chunks.append(g)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def request_draws(
+        self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """Every request's draws, with each product a call over one request's rows.
+
+        The elementwise work (masks, their AND, activations) runs once over blocks of
+        requests whose activations fit a core's L2 cache (a large model's masks and
+        activations are several passes over megabytes each); only the products are per
+        request. See `_RequestPlan` for how every request's rows stay aligned as they are
+        alone."""
+        dtype = self.layers[0].weight.dtype
+        element = torch.empty((), dtype=dtype).element_size()
+        first = next((i for i in range(len(self.layers)) if self._dropped(i)), len(self.layers))
+        pre, post = self.layers[:first], self.layers[first:]
+        pre_widths = [*(layer.in_features for layer in pre), pre[-1].out_features] if pre else []
+        post_widths = [layer.in_features for layer in post]
+        budget_rows = max(1, CHUNK_BYTES // (max(post_widths) * element)) if post else 0
+        plan = _request_plan(
+            tuple(sizes),
+            n,
+            segments.row_multiple(pre_widths, element),
+            segments.row_multiple(post_widths, element),
+            budget_rows,
+            x.device,
+        )
+        h = self.normalizer.inputs(x).to(dtype)
+        if pre:
+            h = plan.pre_layers(h, pre, self.activation_name, activate_last=bool(post))
+        if not post:  # no dropout at all: every draw is the same
+            return h[plan.source].unsqueeze(0).expand(n, -1, -1)
+        request_seeds = seeds[plan.request_starts]
+        keys = [
+            rng.draw_keys(request_seeds, plan.draws, first + j).view(-1) for j in range(len(post))
+        ]
+        keep, word = 1 - self.p, _SAME_SIZE_INT[element]
+        biases = [layer.bias for layer in post]
+        weights = [layer.weight.t() for layer in post]
+        last = len(post) - 1
+        outputs: list[torch.Tensor] = []
+        for block in plan.blocks:
+            g = h[block.source_rows]
+            for j, layer in enumerate(post):
+                bits = rng.bernoulli_bits(keys[j][block.unit_keys], layer.in_features, keep)
+                if block.unit_of_row is not None:
+                    bits = bits[block.unit_of_row]
+                g.view(word).bitwise_and_(bits.to(word))
+                pieces = g.split(block.piece_rows)
+                if j == last:  # fresh outputs, read only by `assemble`
+                    outputs.extend(
+                        torch.addmm(biases[j], piece, weights[j], alpha=1 / keep)
+                        for piece in pieces
+                    )
+                    break
+                out = g.new_empty(g.shape[0], layer.out_features)
+                for piece, into in zip(pieces, out.split(block.piece_rows), strict=True):
+                    torch.addmm(biases[j], piece, weights[j], alpha=1 / keep, out=into)
+                g = IN_PLACE_ACTIVATIONS[self.activation_name](out)
+        return plan.assemble(torch.cat(outputs) if len(outputs) > 1 else outputs[0], n)
 
     def penalty(self, num_train: int) -> torch.Tensor:
         total = torch.zeros(())
@@ -194,6 +270,134 @@ class MCDropoutMLP(PosteriorModel):
             keep = 1 - self.p if self._dropped(i) else 1.0
             total = total + self.lengthscale**2 * keep / (2 * num_train) * layer.weight.pow(2).sum()
         return total
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Consecutive pieces whose activations share the cache: elementwise work runs over the
+    block at once, each piece's products on their own."""
+
+    source_rows: torch.Tensor  # the first dropout's input row each of the block's rows takes
+    unit_keys: torch.Tensor  # each unit's (request, draw) position in the keys [draws, requests]
+    unit_of_row: torch.Tensor | None  # each row's unit; None when every unit is one row
+    piece_rows: list[int]
+
+
+class _RequestPlan:
+    """How `MCDropoutMLP.request_draws` lays out a batch's requests, made once per shape.
+
+    Every request's rows start at an ALIGN_BYTES boundary of their tensor, as they do alone.
+    Before the first dropout a request is padded with zero rows to a multiple of `q_pre`
+    rows. After it, request i's draws are `units` of r_i rows (draw-major), and it computes
+    its n draws rounded up to a whole number of units of a multiple of `q_post` rows; the
+    extra draws are dropped (mask keys depend on the draw index, so the first n are the
+    draws). A request larger than the cache budget is cut into pieces of draws by its own
+    size, so its pieces are the same in any batch.
+    """
+
+    def __init__(
+        self,
+        sizes: tuple[int, ...],
+        n: int,
+        q_pre: int,
+        q_post: int,
+        budget_rows: int,
+        device: torch.device,
+    ):
+        def tensor(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
+
+        r = np.asarray(sizes)
+        self.request_starts = tensor(segments.offsets(sizes)[:-1])
+        self.pre_rows = (-(-r // q_pre) * q_pre).tolist()
+        starts = np.asarray(segments.offsets(self.pre_rows)[:-1])
+        real = np.repeat(starts - np.asarray(segments.offsets(sizes)[:-1]), r) + np.arange(r.sum())
+        self.pre_scatter = None if self.pre_rows == list(sizes) else tensor(real)
+        self.source = tensor(real)  # each batch row's row in the pre layers' output
+        self.sizes, self.blocks = list(sizes), []
+        if budget_rows == 0:
+            return
+        unit = q_post // np.gcd(r, q_post)  # draws whose r rows fill aligned blocks
+        self.padded = (-(-n // unit) * unit).tolist()
+        self.draws = max(self.padded)
+        pieces = []  # (request, first draw, end draw)
+        for i, (rows, draws, u) in enumerate(zip(sizes, self.padded, unit, strict=True)):
+            per_piece = max(int(u), budget_rows // rows // u * u)
+            pieces.extend((i, d, min(draws, d + per_piece)) for d in range(0, draws, per_piece))
+        current: list[tuple[int, int, int]] = []
+        used = 0
+        for piece in [*pieces, None]:
+            rows = 0 if piece is None else (piece[2] - piece[1]) * sizes[piece[0]]
+            if current and (piece is None or used + rows > budget_rows):
+                self.blocks.append(self._block(current, starts, len(sizes), tensor))
+                current, used = [], 0
+            if piece is not None:
+                current.append(piece)
+                used += rows
+        self._assembly = self._assembly_index(n, tensor)
+
+    def _block(self, pieces, starts, requests, tensor) -> _Block:
+        request, d0, d1 = (np.asarray(column) for column in zip(*pieces, strict=True))
+        length = d1 - d0
+        # unit u of the block: draw d0 + (u - first unit of its piece) of its piece's request
+        unit_request = np.repeat(request, length)
+        first = np.repeat(np.cumsum(length) - length, length)
+        unit_draw = np.arange(length.sum()) - first + np.repeat(d0, length)
+        rows = np.asarray(self.sizes)[unit_request]
+        row_unit = np.repeat(np.arange(len(unit_request)), rows)
+        row_in_unit = np.arange(rows.sum()) - np.repeat(np.cumsum(rows) - rows, rows)
+        return _Block(
+            source_rows=tensor(starts[unit_request][row_unit] + row_in_unit),
+            unit_keys=tensor(unit_draw * requests + unit_request),
+            unit_of_row=None if (rows == 1).all() else tensor(row_unit),
+            piece_rows=(length * np.asarray(self.sizes)[request]).tolist(),
+        )
+
+    def _assembly_index(self, n: int, tensor) -> torch.Tensor | None:
+        """Where draw s of batch row b sits in the pieces' concatenated outputs; None when a
+        view does it (one request, or one-row requests all padded alike)."""
+        sizes, padded = self.sizes, self.padded
+        if len(sizes) == 1 or (all(r == 1 for r in sizes) and len(set(padded)) == 1):
+            return None
+        r = np.asarray(sizes)
+        starts = np.asarray(segments.offsets((np.asarray(padded) * r).tolist())[:-1])
+        row_in_request = np.arange(r.sum()) - np.repeat(np.cumsum(r) - r, r)
+        base = np.repeat(starts, r) + row_in_request
+        return tensor(base[None, :] + np.arange(n)[:, None] * np.repeat(r, r)[None, :])
+
+    def pre_layers(
+        self, h: torch.Tensor, layers: Sequence[nn.Linear], activation: str, activate_last: bool
+    ) -> torch.Tensor:
+        """Layers applied to each request's rows (padded) in calls of their own."""
+        if self.pre_scatter is not None:
+            padded = h.new_zeros(sum(self.pre_rows), h.shape[1])
+            padded[self.pre_scatter] = h
+            h = padded
+        for i, layer in enumerate(layers):
+            out = h.new_empty(h.shape[0], layer.out_features)
+            bias, weight = layer.bias, layer.weight.t()
+            for rows, into in zip(h.split(self.pre_rows), out.split(self.pre_rows), strict=True):
+                torch.addmm(bias, rows, weight, out=into)
+            h = out
+            if i < len(layers) - 1 or activate_last:
+                h = IN_PLACE_ACTIVATIONS[activation](h)
+        return h
+
+    def assemble(self, out: torch.Tensor, n: int) -> torch.Tensor:
+        """The pieces' outputs, in order, as [n, B, features]: the first n draws of each."""
+        if self._assembly is not None:
+            return out[self._assembly]
+        if len(self.sizes) == 1:
+            return out.view(self.padded[0], self.sizes[0], -1)[:n]
+        return out.view(len(self.sizes), self.padded[0], -1)[:, :n].transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _request_plan(
+    sizes: tuple[int, ...], n: int, q_pre: int, q_post: int, budget_rows: int, device: torch.device
+) -> _RequestPlan:
+    """Plans are a function of the batch's shape alone, and a server sees few shapes."""
+    return _RequestPlan(sizes, n, q_pre, q_post, budget_rows, device)
 
 
 def _linear(
@@ -208,16 +412,12 @@ def _linear(
     return y if h.dim() == 2 else y.view(*h.shape[:-1], -1)
 
 
-def _dropout(
-    h: torch.Tensor, keys: torch.Tensor, row_of: torch.Tensor | None, keep: float
-) -> torch.Tensor:
-    """h [1 or n, B, W] times the keep masks [n, U, W] of the keys (rows map to keys by row_of).
+def _dropout(h: torch.Tensor, keys: torch.Tensor, keep: float) -> torch.Tensor:
+    """h [1 or n, B, W] times the keep masks [n, B, W] of the keys.
 
     The masks' words (all ones or zeros) AND the activations' bits: one pass, no multiply.
     """
     bits = rng.bernoulli_bits(keys, h.shape[-1], keep)
-    if row_of is not None:
-        bits = bits[:, row_of]
     word = _SAME_SIZE_INT[h.element_size()]
     return bits.to(word).bitwise_and_(h.view(word)).view(h.dtype)
 
