@@ -230,12 +230,15 @@ class MCDropoutMLP(PosteriorModel):
             budget_rows,
             x.device,
         )
-        h = self.normalizer.inputs(x).to(dtype)
-        if pre:
-            h = plan.pre_layers(h, pre, self.activation_name, activate_last=bool(post))
+        rows = plan.rows
+        h = rows.pad(self.normalizer.inputs(x).to(dtype))
+        for i, layer in enumerate(pre):  # a request's rows in calls of their own
+            h = rows.linear(h, layer.weight.t(), layer.bias)
+            if i < len(pre) - 1 or post:
+                h = IN_PLACE_ACTIVATIONS[self.activation_name](h)
         if not post:  # no dropout at all: every draw is the same
-            return h[plan.source].unsqueeze(0).expand(n, -1, -1)
-        request_seeds = seeds[plan.request_starts]
+            return h[rows.real].unsqueeze(0).expand(n, -1, -1)
+        request_seeds = seeds[rows.request_starts]
         keys = [
             rng.draw_keys(request_seeds, plan.draws, first + j).view(-1) for j in range(len(post))
         ]
@@ -287,12 +290,11 @@ class _RequestPlan:
     """How `MCDropoutMLP.request_draws` lays out a batch's requests, made once per shape.
 
     Every request's rows start at an ALIGN_BYTES boundary of their tensor, as they do alone.
-    Before the first dropout a request is padded with zero rows to a multiple of `q_pre`
-    rows. After it, request i's draws are `units` of r_i rows (draw-major), and it computes
-    its n draws rounded up to a whole number of units of a multiple of `q_post` rows; the
-    extra draws are dropped (mask keys depend on the draw index, so the first n are the
-    draws). A request larger than the cache budget is cut into pieces of draws by its own
-    size, so its pieces are the same in any batch.
+    Before the first dropout they are laid out by `segments.RequestRows`. After it, request
+    i's draws are units of its r_i rows (draw-major), and it computes its n draws rounded up
+    so that its rows come to a multiple of `q_post`; the extra draws are dropped (mask keys
+    depend on the draw index, so the first n are the draws). A request larger than the
+    cache budget is cut into pieces of draws by its own size, the same pieces in any batch.
     """
 
     def __init__(
@@ -308,12 +310,8 @@ class _RequestPlan:
             return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
 
         r = np.asarray(sizes)
-        self.request_starts = tensor(segments.offsets(sizes)[:-1])
-        self.pre_rows = (-(-r // q_pre) * q_pre).tolist()
-        starts = np.asarray(segments.offsets(self.pre_rows)[:-1])
-        real = np.repeat(starts - np.asarray(segments.offsets(sizes)[:-1]), r) + np.arange(r.sum())
-        self.pre_scatter = None if self.pre_rows == list(sizes) else tensor(real)
-        self.source = tensor(real)  # each batch row's row in the pre layers' output
+        self.rows = segments.request_rows(sizes, q_pre, device)  # before the first dropout
+        starts = np.asarray(self.rows.starts)
         self.sizes, self.blocks = list(sizes), []
         if budget_rows == 0:
             return
@@ -364,24 +362,6 @@ class _RequestPlan:
         row_in_request = np.arange(r.sum()) - np.repeat(np.cumsum(r) - r, r)
         base = np.repeat(starts, r) + row_in_request
         return tensor(base[None, :] + np.arange(n)[:, None] * np.repeat(r, r)[None, :])
-
-    def pre_layers(
-        self, h: torch.Tensor, layers: Sequence[nn.Linear], activation: str, activate_last: bool
-    ) -> torch.Tensor:
-        """Layers applied to each request's rows (padded) in calls of their own."""
-        if self.pre_scatter is not None:
-            padded = h.new_zeros(sum(self.pre_rows), h.shape[1])
-            padded[self.pre_scatter] = h
-            h = padded
-        for i, layer in enumerate(layers):
-            out = h.new_empty(h.shape[0], layer.out_features)
-            bias, weight = layer.bias, layer.weight.t()
-            for rows, into in zip(h.split(self.pre_rows), out.split(self.pre_rows), strict=True):
-                torch.addmm(bias, rows, weight, out=into)
-            h = out
-            if i < len(layers) - 1 or activate_last:
-                h = IN_PLACE_ACTIVATIONS[activation](h)
-        return h
 
     def assemble(self, out: torch.Tensor, n: int) -> torch.Tensor:
         """The pieces' outputs, in order, as [n, B, features]: the first n draws of each."""

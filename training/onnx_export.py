@@ -206,7 +206,7 @@ def _activation(g: Graph, name: str, h: str) -> str:
 
 
 def _mc_dropout_body(g: Graph, model: MCDropoutMLP, z: str, n: str) -> str:
-    """MCDropoutMLP.raw_draws: one mask per (draw, distinct seed), gathered to the rows."""
+    """MCDropoutMLP's draws: one mask per (draw, distinct seed), gathered to the rows."""
     unique, _, row_of, _ = g.ops("Unique", "seeds", outputs=4, sorted=1)
     seed_key = seed_keys(g, unique)
     activation = model.arch.get("activation", "relu")
@@ -232,7 +232,7 @@ def _mc_dropout_body(g: Graph, model: MCDropoutMLP, z: str, n: str) -> str:
 
 
 def _stacked_body(g: Graph, model: StackedMLP, z: str, n: str) -> str:
-    """StackedMLP.raw_draws: draw s runs member s mod M; the seeds are not used."""
+    """StackedMLP's draws: draw s runs member s mod M; the seeds are not used."""
     members = g.op("Mod", g.op("Range", g.i64(0), n, g.i64(1)), g.i64(model.members))
     activation = model.arch.get("activation", "relu")
     h = z

@@ -11,22 +11,24 @@ predictive. The covariance is stored factored for its structure:
                                                         homoscedastic noise)
     diag   Sigma = diag(s^2)
 
-Draws are keyed by (unique seed, draw index) through the counter-based generator and
-applied with one batched matmul over [n, U] weight perturbations (see posteriors.seeding).
+Draws are keyed by (request seed, draw index) through the counter-based generator; the
+standard normals of every request are made at once, the products per request
+(training.segments).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import rng
+from training import rng, segments
 from training.likelihoods import GaussianHead
-from training.model import ACTIVATIONS, MODEL_TYPES, PosteriorModel
-from training.posteriors.seeding import SeedGroups
+from training.model import MODEL_TYPES, PosteriorModel
+from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 from training.priors import DEFAULT_PRIOR, parse_prior
 
 STRUCTURES = ("diag", "kron", "full")
@@ -44,7 +46,8 @@ class LastLayerLaplace(PosteriorModel):
             raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
         self.prior = parse_prior(arch.get("prior", DEFAULT_PRIOR))
         self.arch["prior"] = self.prior.spec
-        self.activation = ACTIVATIONS[arch.get("activation", "relu")]
+        self.activation_name = arch.get("activation", "relu")
+        self.activation = ACTIVATIONS[self.activation_name]
         widths = [arch["in_features"], *arch.get("hidden", [])]
         self.body = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.last = nn.Linear(widths[-1], self.head.raw_features)
@@ -85,13 +88,6 @@ class LastLayerLaplace(PosteriorModel):
         params = [p for m in (*self.body, self.last) for p in m.parameters()]
         return -sum((self.prior.log_prob(p).sum() for p in params), torch.zeros(())) / num_train
 
-    def weight_perturbation(self, eps: torch.Tensor) -> torch.Tensor:
-        """Standard normals [..., K P] -> draws of W - W* [..., K, P] with covariance Sigma."""
-        k, p = self.outputs, self.num_features
-        if self.structure == "full":
-            return (eps @ self.factor.T).unflatten(-1, (k, p))
-        return self.right @ (self.scale * eps.unflatten(-1, (k, p))) @ self.left.T
-
     def weight_covariance(self) -> torch.Tensor:
         """Sigma [K P, K P] in vec order (output, feature)."""
         if self.structure == "full":
@@ -99,16 +95,44 @@ class LastLayerLaplace(PosteriorModel):
         basis = torch.kron(self.right, self.left)
         return basis @ torch.diag(self.scale.flatten() ** 2) @ basis.T
 
-    def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        phi = self.features(z)
-        mean = F.linear(phi, self.last_weight())  # [B, raw]
-        groups = SeedGroups.of(seeds)
-        keys = rng.draw_keys(groups.unique, n, stream=0)
-        delta = self.weight_perturbation(rng.normal(keys, self.outputs * self.num_features))
-        shift = groups.gather(groups.spread(phi).unsqueeze(0) @ delta.transpose(-1, -2))
-        return torch.cat(
-            [mean[:, : self.outputs] + shift, mean[:, self.outputs :].expand(n, -1, -1)], -1
+    def request_draws(
+        self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """Draws of the GLM predictive for every request, each product a call over one
+        request's rows (or its own weight draws) and the elementwise work over the batch.
+        Request i computes its draws rounded up so that its block of standard normals starts
+        aligned (the extra draws are dropped: the first n are the draws)."""
+        k, p = self.outputs, self.num_features
+        rows = segments.request_rows(
+            tuple(sizes),
+            segments.row_multiple([*(layer.in_features for layer in self.body), p], 4),
+            x.device,
         )
+        h = rows.pad(self.normalizer.inputs(x))
+        for layer in self.body:
+            h = IN_PLACE_ACTIVATIONS[self.activation_name](
+                rows.linear(h, layer.weight.t(), layer.bias)
+            )
+        phi = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+        mean = rows.linear(phi, self.last_weight().t(), None)[rows.real]  # [B, raw]
+        drawn = -(-n // segments.row_multiple([k * p], 4)) * segments.row_multiple([k * p], 4)
+        keys = rng.draw_keys(seeds[rows.request_starts], drawn, stream=0).t().contiguous()
+        eps = rng.normal(keys, k * p)  # [requests, drawn, K P]: request i's block is aligned
+        if self.structure != "full":
+            eps = self.scale * eps.unflatten(-1, (k, p))
+        shifts = [
+            phi[a : a + r] @ self._perturbation(e).transpose(-1, -2)[:n]
+            for a, r, e in zip(rows.starts, sizes, eps, strict=True)
+        ]
+        shift = shifts[0] if len(shifts) == 1 else torch.cat(shifts, dim=1)  # [n, B, K]
+        return torch.cat([mean[:, :k] + shift, mean[:, k:].expand(n, -1, -1)], -1)
+
+    def _perturbation(self, eps: torch.Tensor) -> torch.Tensor:
+        """Draws of W - W* [..., K, P] with covariance Sigma, from standard normals [..., K P]
+        (full) or from normals already scaled by `scale` [..., K, P] (kron, diag)."""
+        if self.structure == "full":
+            return (eps @ self.factor.T).unflatten(-1, (self.outputs, self.num_features))
+        return self.right @ eps @ self.left.T
 
     def set_posterior(self, structure_factors: dict[str, torch.Tensor], precision: float) -> None:
         """Store the covariance factors computed by `posteriors.laplace_fit`."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from training.model import ACTIVATIONS, MODEL_TYPES, PosteriorModel
+from training import segments
+from training.model import MODEL_TYPES, PosteriorModel
+from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 from training.priors import DEFAULT_PRIOR, parse_prior
 
 
@@ -29,7 +32,8 @@ class StackedMLP(PosteriorModel):
             raise ValueError(f"members must be >= 1, got {self.members}")
         self.prior = parse_prior(arch.get("prior", DEFAULT_PRIOR))
         self.arch["prior"] = self.prior.spec
-        self.activation = ACTIVATIONS[arch.get("activation", "relu")]
+        self.activation_name = arch.get("activation", "relu")
+        self.activation = ACTIVATIONS[self.activation_name]
         widths = [arch["in_features"], *arch.get("hidden", []), self.head.raw_features]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -50,12 +54,9 @@ class StackedMLP(PosteriorModel):
         """The stacked weights and biases (the head's parameters, if any, are not stacked)."""
         return [*self.weights, *self.biases]
 
-    def run(self, h: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
-        """Inputs [B, D] or per-member [m, B, D] -> raw outputs [m, B, out] of `members`."""
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        """Inputs [B, D] or per-member [M, B, D] -> raw outputs [M, B, out] of every member."""
         weights, biases = list(self.weights), list(self.biases)
-        if members is not None:
-            weights = [w[members] for w in weights]
-            biases = [b[members] for b in biases]
         m = weights[0].shape[0]
         if h.dim() == 2:
             h = h.unsqueeze(0).expand(m, *h.shape)
@@ -69,8 +70,30 @@ class StackedMLP(PosteriorModel):
         """Every member on the same rows: [M, B, raw_features] (the loss sums members)."""
         return self.run(z)
 
-    def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        return self.run(z, torch.arange(n, device=z.device) % self.members)
+    def request_draws(
+        self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """`run` for every request, with each member's product a call over one request's rows
+        (one baddbmm per request and layer) and the activations over the whole batch: a
+        request's draws are its own whatever it shares the batch with. Request i's
+        activations are a block [n, r_i, width] that starts aligned, as it does alone."""
+        if n <= self.members:
+            weights, biases = [w[:n] for w in self.weights], [b[:n] for b in self.biases]
+        else:
+            members = torch.arange(n, device=x.device) % self.members
+            weights, biases = [w[members] for w in self.weights], [b[members] for b in self.biases]
+        d = weights[0].shape[1]
+        rows = segments.request_rows(tuple(sizes), segments.row_multiple([d], 4), x.device)
+        z = rows.pad(self.normalizer.inputs(x))
+        h = [z[a : a + r].expand(n, r, d) for a, r in zip(rows.starts, sizes, strict=True)]
+        for w, b in zip(weights[:-1], biases[:-1], strict=True):
+            out, parts = segments.aligned_blocks(z, [(n, r, w.shape[2]) for r in sizes])
+            for g, part in zip(h, parts, strict=True):
+                torch.baddbmm(b, g, w, out=part)
+            IN_PLACE_ACTIVATIONS[self.activation_name](out)
+            h = parts
+        w, b = weights[-1], biases[-1]  # fresh outputs: only the draws read them
+        return torch.cat([torch.baddbmm(b, g, w) for g in h], dim=1)
 
     def member_log_prior(self) -> torch.Tensor:
         """log p(theta_m) of each member's weights and biases: [M]."""
