@@ -7,9 +7,11 @@ alternating rounds (A B B A A B ...), each driven by serve.py's closed-loop load
 
     git worktree add ../credence-base <commit>
     .venv/bin/python benchmarks/serve_ab.py --baseline ../credence-base [--rounds 3]
+        [--new-args "--batch-invariant true"] [--out serving-ab]
 
-Prints a markdown table per workload (medians over rounds, and new/baseline ratios) and
-writes docs/results/serving-ab.md and docs/results/serving-ab.json.
+`--new-args` are more `credence-serve` flags for this checkout's server. Prints a markdown
+table per workload (medians over rounds, and new/baseline ratios) and writes
+docs/results/OUT.md and docs/results/OUT.json.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,12 +45,14 @@ def commit_of(tree: Path) -> str:
     return out.stdout.strip()[:80]
 
 
-def run_server(tree: Path, workload: serve.Workload, model_dir: Path, args) -> list[dict]:
+def run_server(
+    tree: Path, flags: list[str], workload: serve.Workload, model_dir: Path, args
+) -> list[dict]:
     """One server from `tree`'s code, every concurrency once."""
     port = serve.free_port()
     cmd = [sys.executable, "-c", "from service.cli import main; main()"]
     cmd += ["--model-dir", str(model_dir), "--host", serve.HOST, "--port", str(port)]
-    cmd += ["--log-level", "warning"]
+    cmd += ["--log-level", "warning", *flags]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, cwd=tree)
     try:
@@ -100,12 +105,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="servers per side and workload")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--new-args", default="", help="more credence-serve flags for new")
+    parser.add_argument("--out", default="serving-ab", help="report name under docs/results")
     args = parser.parse_args()
     trees = {"base": args.baseline.resolve(), "new": ROOT}
+    flags = {"base": [], "new": shlex.split(args.new_args)}
     names = list(serve.WORKLOADS) if args.workload == "both" else [args.workload]
     started = time.monotonic()
     report: dict[str, Any] = {
-        "command": "benchmarks/serve_ab.py " + " ".join(sys.argv[1:]),
+        "command": "benchmarks/serve_ab.py " + shlex.join(sys.argv[1:]),
         "machine": machine_record(),
         "commits": {side: commit_of(tree) for side, tree in trees.items()},
         "settings": {"warmup_s": args.warmup, "duration_s": args.duration, "rounds": args.rounds},
@@ -120,7 +128,8 @@ def main() -> None:
             for k in range(args.rounds):  # A B, B A, A B: neither side always goes first
                 order = ("base", "new") if k % 2 == 0 else ("new", "base")
                 for side in order:
-                    runs[side].append(run_server(trees[side], workload, Path(tmp), args))
+                    result = run_server(trees[side], flags[side], workload, Path(tmp), args)
+                    runs[side].append(result)
                     rps = ", ".join(f"{r['rps']:.0f}" for r in runs[side][-1])
                     print(f"{name} round {k} {side}: req/s {rps}", flush=True)
         report["workloads"][name] = runs
@@ -131,8 +140,8 @@ def main() -> None:
     md = "\n".join(sections)
     print("\n" + md)
     out = ROOT / "docs" / "results"
-    (out / "serving-ab.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "serving-ab.md").write_text(
+    (out / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.out}.md").write_text(
         f"""# Serving A/B
 
 `.venv/bin/python {report["command"]}`
@@ -141,7 +150,7 @@ def main() -> None:
 torch {m["torch"]}; {elapsed:.0f} s in all.
 
 - base: `{report["commits"]["base"]}`
-- new: `{report["commits"]["new"]}`
+- new: `{report["commits"]["new"]}`{f", with `{args.new_args}`" if args.new_args else ""}
 
 Both servers run `credence-serve` with its defaults from the same virtual environment, one
 at a time, {args.rounds} rounds each in alternating order; each round drives every
@@ -151,7 +160,7 @@ server's CPU per request counts its worker processes too.
 
 {md}"""
     )
-    print(f"\ntotal {elapsed:.0f} s; wrote {out / 'serving-ab.md'}")
+    print(f"\ntotal {elapsed:.0f} s; wrote {out / args.out}.md")
 
 
 if __name__ == "__main__":

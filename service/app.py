@@ -103,7 +103,11 @@ def model_detail(entry: ModelEntry) -> dict:
                 "feature_names": list(spec.feature_names) if spec.feature_names else None,
             },
             output={"names": list(spec.output_names)},
-            num_samples={"default": spec.default_num_samples, "max": spec.max_num_samples},
+            num_samples={
+                "default": spec.default_num_samples,
+                "max": spec.max_num_samples,
+                "set_size": spec.set_size,
+            },
             credible_levels_default=list(protocol.DEFAULT_LEVELS),
             # which calibration and how many rows fitted it, not its (up to 1000) knots
             calibration=(

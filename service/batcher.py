@@ -9,8 +9,9 @@ credible_levels), usually one for the whole batch, in a process of its own (serv
 With no workers (`batch_workers` 0, a small model's default) batches are computed one at a
 time on the event loop's thread.
 
-Every row carries its request's seed, and the model is told which rows are which request's,
-so a seeded request gets the bits it gets alone whatever it is batched with
+Every row carries its request's seed, so a seeded request's draws do not depend on what it
+is batched with beyond float rounding; with `batch_invariant` the model is also told which
+rows are which request's, and a seeded request gets the bits it gets alone
 (training.segments).
 """
 
@@ -68,6 +69,7 @@ class Batcher:
         self.max_rows = settings.max_batch_rows
         self.delay_s = settings.max_batch_delay_ms / 1000
         self.timeout_s = settings.request_timeout_s
+        self.batch_invariant = settings.batch_invariant
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.max_queue)
         self.labels = (loaded.spec.name, str(loaded.spec.version))
         # labelled once: labels() takes a lock and validates on every call
@@ -279,12 +281,12 @@ class Batcher:
             rows += job.rows
         return batch
 
-    @staticmethod
     def _plan(
-        batch: list[Job],
+        self, batch: list[Job]
     ) -> tuple[torch.Tensor, torch.Tensor, list[Group], list[list[int]]]:
         """The batch's inputs and seeds (a row each), and its requests grouped by
-        (num_samples, levels): each group's rows (None: all of them) and its members.
+        (num_samples, levels): each group's rows (None: all of them), its requests' sizes
+        (None: the model may multiply over the whole group) and its members.
 
         Per request it makes no torch call: on a small model each one is a measurable share
         of the batch (a seed tensor and a row index per request were a sixth of it)."""
@@ -300,7 +302,8 @@ class Batcher:
             rows = None
             if len(members) < len(batch):  # this group's rows only
                 rows = [row for i in members for row in range(offsets[i], offsets[i + 1])]
-            groups.append((n, levels, rows, [batch[i].rows for i in members]))
+            sizes = [batch[i].rows for i in members] if self.batch_invariant else None
+            groups.append((n, levels, rows, sizes))
         return x, seeds, groups, list(by_key.values())
 
     def _render(

@@ -37,6 +37,7 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
         "float32, or bfloat16 or float16 for MC-dropout models' layers (torch backend)",
     ),
     "cuda_graphs": (str, "true: MC-dropout draws replayed from CUDA graphs (on CUDA)"),
+    "batch_invariant": (str, "true: a seeded request gets the same bits in any batch (slower)"),
     "log_level": (str, "critical, error, warning, info or debug"),
     "access_log": (
         str,

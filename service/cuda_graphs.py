@@ -103,7 +103,7 @@ class GraphedSampler:
             self._graphs.popitem(last=False)
         x = torch.zeros((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
         seeds = torch.zeros(rows, dtype=torch.int64, device=like.device)
-        replay, draws = self.capture(self.model.sample_per_row, x, n, seeds)
+        replay, draws = self.capture(self.model.sample, x, n, seeds)
         self._graphs[key] = _Graph(x, seeds, replay, draws)
         return self._graphs[key]
 

@@ -34,11 +34,14 @@ class OnnxSampler:
         seeds: torch.Tensor,
         sizes: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """One run of the graph per request, on a copy of its rows: a request's draws are then
-        the same bits alone and in any batch (training.segments)."""
+        """With `sizes`, one run of the graph per request, on a copy of its rows: a request's
+        draws are then the same bits alone and in any batch (training.segments); without,
+        one run over the batch."""
         x_np = x.detach().to("cpu", torch.float32).numpy()
         seeds_np = seeds.detach().to("cpu", torch.int64).numpy()
-        bounds = segments.offsets(segments.runs(seeds) if sizes is None else sizes)
+        if sizes is None:
+            return torch.from_numpy(np.asarray(run_draws(self.session, x_np, n, seeds_np)))
+        bounds = segments.offsets(sizes)
         parts = [
             np.asarray(run_draws(self.session, x_np[a:b].copy(), n, seeds_np[a:b].copy()))
             for a, b in itertools.pairwise(bounds)

@@ -106,7 +106,7 @@ def parse_predict(body: bytes, spec: ModelSpec, max_instances: int) -> PredictRe
     x = _instances(data.get("instances", _MISSING), spec, max_instances, problems)
     if problems or x is None:
         raise ApiError(422, problems[:MAX_PROBLEMS])
-    return PredictRequest(x, num_samples, levels, seed)
+    return PredictRequest(x, spec.draws(num_samples), levels, seed)
 
 
 def _integer(

@@ -23,9 +23,15 @@ from service.errors import ApiError
 from service.onnx_backend import load_onnx
 from service.settings import Settings
 from training.calibration import Calibration, CalibrationError, parse_calibration
-from training.checkpoint import NAME_PATTERN, CheckpointError, list_versions, read_checkpoint
+from training.checkpoint import (
+    NAME_PATTERN,
+    CheckpointError,
+    list_versions,
+    read_checkpoint,
+    request_cap,
+)
 from training.fit import is_small
-from training.model import MCDropoutMLP, PosteriorModel
+from training.model import MCDropoutMLP, PosteriorModel, draws_used
 
 log = logging.getLogger("credence.registry")
 
@@ -49,17 +55,22 @@ class ModelSpec:
     max_num_samples: int
     manifest: dict
     calibration: Calibration | None = None  # applied to every prediction (regression)
+    set_size: int | None = None  # a finite posterior sample set's M (PosteriorModel.set_size)
 
     @property
     def num_outputs(self) -> int:
         return len(self.output_names)
+
+    def draws(self, num_samples: int) -> int:
+        """The draws a request for num_samples gets, as its response reports them."""
+        return draws_used(num_samples, self.set_size)
 
 
 def _positive_int(value: object) -> bool:
     return type(value) is int and value > 0
 
 
-def parse_spec(manifest: dict, settings: Settings) -> ModelSpec:
+def parse_spec(manifest: dict, settings: Settings, set_size: int | None = None) -> ModelSpec:
     """Validate the serving-relevant part of a manifest; CheckpointError says what is wrong."""
 
     def bad(message: str) -> CheckpointError:
@@ -89,12 +100,13 @@ def parse_spec(manifest: dict, settings: Settings) -> ModelSpec:
     for key, value in (("default", default), ("max", cap)):
         if value is not None and not _positive_int(value):
             raise bad(f"num_samples.{key} must be a positive integer, got {value!r}")
+    cap = request_cap(samples, set_size)
     try:
         calibration = parse_calibration(manifest.get("calibration"), task, len(names))
     except CalibrationError as exc:
         raise bad(str(exc)) from None
     cap = min(cap or math.inf, settings.max_num_samples)
-    default = min(default or settings.default_num_samples, cap)
+    default = draws_used(min(default or settings.default_num_samples, cap), set_size)
     return ModelSpec(
         name=manifest["name"],
         version=manifest["version"],
@@ -108,6 +120,7 @@ def parse_spec(manifest: dict, settings: Settings) -> ModelSpec:
         max_num_samples=int(cap),
         manifest=manifest,
         calibration=calibration,
+        set_size=set_size,
     )
 
 
@@ -187,10 +200,10 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
             f"manifest names {manifest.get('name')!r} version {manifest.get('version')!r} "
             f"but the checkpoint sits in {path.parent.name}/{path.name}"
         )
-    spec = parse_spec(manifest, settings)
     if settings.backend == "onnx":  # onnxruntime's CPU provider, whatever the device
         device = torch.device("cpu")
     module = checkpoint.build(device)
+    spec = parse_spec(manifest, settings, module.set_size)
     small = is_small(module)
     precision = "float32"
     if settings.precision != "float32":

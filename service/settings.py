@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="replay MC-dropout models' draws from CUDA graphs, one per bucket of "
         "batch rows and draws (on CUDA; elsewhere ignored with a warning)",
     )
+    batch_invariant: bool = Field(
+        False,
+        description="true: each request's products are calls of its own, so a seeded request "
+        "gets the same bits alone and in any batch; false: MC-dropout and sample-set models "
+        "multiply over the whole batch (faster; the same numbers to float rounding)",
+    )
     log_level: LogLevel = "info"
     access_log: bool = Field(
         False, description="a log line per HTTP request (at log level info); metrics count them"
@@ -97,6 +103,11 @@ class Settings(BaseSettings):
             )
         if self.backend == "onnx" and self.cuda_graphs:
             raise ValueError("backend onnx runs on onnxruntime; cuda_graphs needs backend torch")
+        if self.cuda_graphs and self.batch_invariant:
+            raise ValueError(
+                "cuda_graphs replays products over a whole bucket of rows; batch_invariant "
+                "needs them per request"
+            )
         return self
 
     @model_validator(mode="after")

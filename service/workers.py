@@ -35,8 +35,8 @@ from training.calibration import summarize
 from training.summaries import Summary
 
 # (num_samples, credible levels, the batch rows of the group's requests or None for all,
-# the rows of each of its requests)
-Group = tuple[int, tuple[float, ...], list[int] | None, list[int]]
+# the rows of each of its requests or None: see the sampler contract, training.model)
+Group = tuple[int, tuple[float, ...], list[int] | None, list[int] | None]
 
 
 @torch.inference_mode()
@@ -44,9 +44,9 @@ def summarize_batch(
     loaded: LoadedModel, x: torch.Tensor, seeds: torch.Tensor, groups: Sequence[Group]
 ) -> list[Summary]:
     """One model call per group of requests that share (num_samples, levels), usually the
-    whole batch, then the group's summaries. The model is told where each request's rows are,
-    and computes each request's draws as it would alone (training.segments). In inference
-    mode the summaries' many small ops skip autograd's bookkeeping."""
+    whole batch, then the group's summaries. With its requests' sizes the model computes
+    each request's draws as it would alone (training.segments). In inference mode the
+    summaries' many small ops skip autograd's bookkeeping."""
     device, spec = loaded.device, loaded.spec
     x, seeds = to_device(x, device), to_device(seeds, device)
     summaries = []

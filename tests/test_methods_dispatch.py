@@ -56,12 +56,13 @@ def test_train_save_reload_sample(method, toy, tmp_path):
     torch.testing.assert_close(loaded.build().sample(x, 4, seeds), result.model.sample(x, 4, seeds))
 
 
-def test_cli_caps_num_samples_at_the_stored_draws(tmp_path):
-    """An ensemble of M members has M distinct draws: the manifest must not promise more."""
+def test_cli_defaults_a_sets_num_samples_to_its_draws(tmp_path):
+    """An ensemble of M members has M distinct draws: all M by default, and a request for
+    more gets the M (service.registry), so the maximum is any model's."""
     method = ["--method", "ensemble", "--members", "3", "--epochs", "2", "--hidden", "8"]
     output = ["--out", str(tmp_path), "--name", "ens", "--quiet"]
     cli.main(["--data", "toy:sine-gap", *method, *output])
     manifest = read_checkpoint(tmp_path / "ens" / "1").manifest
-    assert manifest["num_samples"] == {"default": 3, "max": 3}
+    assert manifest["num_samples"] == {"default": 3, "max": 1000}
     assert manifest["training"]["eval_samples"] == 3
     assert "method_metrics" in manifest["training"]

@@ -6,6 +6,7 @@ import torch
 from methods_support import assert_gap_uncertainty_and_coverage, fit_sine_gap
 
 from training.posteriors.stacked import DeepEnsemble
+from training.train import sample_limits
 
 LIKELIHOOD = {"kind": "gaussian", "num_targets": 1, "noise": "heteroscedastic"}
 STATS = {"x_mean": [0.0], "x_std": [1.0], "y_mean": [0.0], "y_std": [1.0]}
@@ -48,7 +49,8 @@ def test_draw_s_is_member_s():
     members = model.run(x)
     for s in range(6):
         torch.testing.assert_close(draws[s], model.head.per_draw(members[s % 4]))
-    assert model.sample_limits == {"default": 4, "max": 4}
+    assert model.set_size == 4
+    assert sample_limits(model) == {"default": 4, "max": 1000}  # more than 4 asks for the 4
 
 
 def test_ensemble_on_sine_gap():

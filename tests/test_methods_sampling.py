@@ -14,9 +14,11 @@ from conftest import reordering_tolerance
 from torch.overrides import TorchFunctionMode
 
 import training.model
+from training import segments
 from training.checkpoint import read_checkpoint, save_checkpoint
 from training.model import PosteriorModel, build_model
 from training.posteriors.laplace_fit import fit_last_layer
+from training.train import sample_limits
 
 GAUSSIAN = {"kind": "gaussian", "num_targets": 2, "noise": "heteroscedastic"}
 HOMOSCEDASTIC = {"kind": "gaussian", "num_targets": 1, "noise": "homoscedastic"}
@@ -119,11 +121,16 @@ def test_a_request_gets_the_same_bits_alone_and_in_any_batch(case):
     assert torch.equal(shuffled, batch[:, rows])
 
 
-def test_requests_are_runs_of_one_seed_when_no_sizes_are_given(case):
+def test_without_sizes_the_draws_are_the_per_request_draws_to_rounding(case):
+    """Without sizes a model may multiply over the whole batch, each row's randomness from
+    its own seed: repeated seeds (a request's rows) still share their draws, and only the
+    products' order of addition differs from the per-request path."""
     name, model = case
     x = _inputs(name, 6)
     seeds = torch.tensor([5, 5, 2, 8, 8, 8])
-    assert torch.equal(model.sample(x, 4, seeds), model.sample(x, 4, seeds, [2, 1, 3]))
+    expected = model.sample(x, 40, seeds, [2, 1, 3])
+    got = model.sample(x, 40, seeds)
+    torch.testing.assert_close(got, expected, **reordering_tolerance(model, expected))
 
 
 def test_sizes_that_do_not_cover_the_rows_are_refused(case):
@@ -172,17 +179,6 @@ def test_mc_dropout_in_16_bits_draws_what_float32_draws_to_its_rounding(
     assert not torch.equal(half, full)  # it really ran in 16 bits
 
 
-def test_mc_dropout_per_row_masks_draw_what_sample_draws() -> None:
-    """The path a CUDA graph captures makes each row's masks from its own seed; repeated
-    seeds (the rows of one request) must still share theirs. Its products span the whole
-    batch, so it agrees with the per-request path to rounding."""
-    model = _model("mc_dropout")
-    x, seeds = _inputs("mc_dropout", 6), torch.tensor([3, 3, 3, 1, 4, 4])
-    expected = model.sample(x, 40, seeds)
-    got = model.sample_per_row(x, 40, seeds)
-    torch.testing.assert_close(got, expected, **reordering_tolerance(model, expected))
-
-
 def test_mc_dropout_refuses_a_precision_it_cannot_serve() -> None:
     with pytest.raises(ValueError, match=r"float32, bfloat16 or float16, not torch\.int8"):
         _model("mc_dropout").to_precision(torch.int8)
@@ -217,10 +213,16 @@ class _CountCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _calls(model: PosteriorModel, x: torch.Tensor, n: int, seeds: torch.Tensor) -> int:
-    model.sample(x, n, seeds)  # the hash's per-size constants are cached on first use
+def _calls(
+    model: PosteriorModel,
+    x: torch.Tensor,
+    n: int,
+    seeds: torch.Tensor,
+    sizes: list[int] | None = None,
+) -> int:
+    model.sample(x, n, seeds, sizes)  # the hash's per-size constants are cached on first use
     with _CountCalls() as counter:
-        model.sample(x, n, seeds)
+        model.sample(x, n, seeds, sizes)
     return counter.calls
 
 
@@ -231,18 +233,22 @@ def test_sampling_is_vectorized_over_draws(case):
     x = _inputs(name, 6)
     many = model.members if name in STACKED else 64
     for seeds in (torch.zeros(6, dtype=torch.int64), torch.tensor([0, 0, 1, 1, 2, 2])):
-        assert _calls(model, x, many, seeds) == _calls(model, x, 1, seeds)
+        for sizes in (None, segments.runs(seeds)):
+            assert _calls(model, x, many, seeds, sizes) == _calls(model, x, 1, seeds, sizes)
 
 
 def test_mc_dropout_loops_over_requests_for_their_products_alone():
     """MC dropout's masks and activations are computed for the whole batch; each further
-    request adds only its own products, one per layer."""
+    request adds only its own products, one per layer; without sizes, not even those."""
     model = _model("mc_dropout")
     x = _inputs("mc_dropout", 12)
-    one = _calls(model, x, 64, torch.zeros(12, dtype=torch.int64))
+    one = _calls(model, x, 64, torch.zeros(12, dtype=torch.int64), [12])
+    batch_wide = _calls(model, x, 64, torch.zeros(12, dtype=torch.int64))
     for requests in (2, 6, 12):
         seeds = torch.arange(requests).repeat_interleave(12 // requests)
-        assert _calls(model, x, 64, seeds) == one + (requests - 1) * len(model.layers)
+        sizes = [12 // requests] * requests
+        assert _calls(model, x, 64, seeds, sizes) == one + (requests - 1) * len(model.layers)
+        assert _calls(model, x, 64, seeds) == batch_wide
 
 
 def test_checkpoint_round_trip_gives_identical_draws(case, tmp_path):
@@ -252,7 +258,7 @@ def test_checkpoint_round_trip_gives_identical_draws(case, tmp_path):
     manifest = {
         "input": {"shape": list(x.shape[1:]), "dtype": "float32", "feature_names": None},
         "output": {"names": [f"o{i}" for i in range(model.head.raw_features)]},
-        "num_samples": getattr(model, "sample_limits", {"default": 10, "max": 100}),
+        "num_samples": sample_limits(model, {"default": 10, "max": 100}),
         "calibration": None,
     }
     path = save_checkpoint(model, tmp_path, "m", manifest)

@@ -102,7 +102,7 @@ def test_model_listing_and_detail(client: Client) -> None:
     assert detail["task"] == "regression" and detail["method"] == "mc_dropout"
     assert detail["input"] == {"shape": [3], "dtype": "float32", "feature_names": FEATURES}
     assert detail["output"] == {"names": ["y"]}
-    assert detail["num_samples"] == {"default": 50, "max": 500}
+    assert detail["num_samples"] == {"default": 50, "max": 500, "set_size": None}
     assert detail["metrics"] == {"test_rmse": 0.5}
     assert detail["versions"][0]["state"] == "loaded"
     assert detail["versions"][0]["device"] == "cpu"

@@ -40,6 +40,22 @@ def test_num_samples_precedence(manifest_samples: dict, server: dict, expected: 
 
 
 @pytest.mark.parametrize(
+    ("manifest_samples", "expected"),
+    [
+        ({"default": 5, "max": 5}, (5, 1000)),  # written before sets took any num_samples
+        ({"default": 5, "max": 1000}, (5, 1000)),  # written now
+        ({"default": 100, "max": 300}, (5, 300)),  # a cap of the model's own stays
+        ({"default": 2, "max": 3}, (2, 3)),  # even one below the set's size
+        ({}, (5, 1000)),
+    ],
+)
+def test_a_sample_sets_limits(manifest_samples: dict, expected: tuple) -> None:
+    spec = parse_spec(manifest_with(manifest_samples), Settings(), set_size=5)
+    assert (spec.default_num_samples, spec.max_num_samples) == expected
+    assert [spec.draws(n) for n in (1, 5, 6, 200)] == [1, 5, 5, 5]
+
+
+@pytest.mark.parametrize(
     ("change", "words"),
     [
         ({"task": "ranking"}, "task"),

@@ -8,7 +8,9 @@ Manifest keys the caller of `save_checkpoint` supplies (the rest is filled in he
 
     input        {"shape": [D, ...], "dtype": "float32", "feature_names": [...] or null}
     output       {"names": [...]}: target names (regression) or class labels (classification)
-    num_samples  {"default": int, "max": int}
+    num_samples  {"default": int, "max": int}: max caps a request's num_samples (see
+                 `request_cap`); a finite sample set serves at most its M draws whatever
+                 is asked (training.model.draws_used)
     calibration  null or the post-hoc calibration the server applies (training.calibration)
     metrics, uncertainty_stats, training: free-form JSON about the fit (optional)
 
@@ -50,6 +52,16 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be served: missing, malformed, or tampered with."""
+
+
+def request_cap(limits: dict, set_size: int | None) -> int | None:
+    """num_samples.max as a cap on requests, or None for no cap of the model's own.
+
+    A set of M draws used to be written with max = M, refusing requests above M; those
+    requests now get the M, so such a max caps nothing and old checkpoints serve them too.
+    """
+    cap = limits.get("max")
+    return None if set_size is not None and cap == set_size else cap
 
 
 def _sha256(data: bytes) -> str:

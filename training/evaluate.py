@@ -18,9 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from training.calibration import CalibrationError, method_name, parse_calibration
-from training.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, read_checkpoint
+from training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    read_checkpoint,
+    request_cap,
+)
 from training.data import DataError, Dataset, load_data
 from training.metrics import evaluate
+from training.model import draws_used
 
 DEFAULT_SEED = 0
 
@@ -82,9 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, CalibrationError, DataError, OSError) as exc:
         parser.error(str(exc))
     limits = checkpoint.manifest["num_samples"]
+    highest = request_cap(limits, model.set_size)
     num_samples = args.num_samples or limits["default"]
-    if not 1 <= num_samples <= limits["max"]:
-        parser.error(f"--num-samples must be in [1, {limits['max']}] for this model")
+    if num_samples < 1 or (highest is not None and num_samples > highest):
+        parser.error(f"--num-samples must be in [1, {highest}] for this model")
+    num_samples = draws_used(num_samples, model.set_size)
     report = {
         "model": checkpoint.name,
         "version": checkpoint.version,
@@ -92,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": {"spec": args.data, **loaded.spec},
         "rows": "test" if loaded.test is not None else "all",
         "seed": args.seed,
+        "num_samples": num_samples,
         "calibration": method_name(calibration),
         "metrics": evaluate(model, data, num_samples, args.seed, calibration),
     }

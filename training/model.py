@@ -2,12 +2,14 @@
 
     sample(x: Tensor[B, *input_shape], n, seeds: Tensor[B], sizes=None) -> Tensor[n, B, *out]
 
-The rows are those of consecutive requests, `sizes[i]` rows each (None: one request per run of
-equal consecutive seeds), and every row carries its request's seed. Draw `s` is one posterior
-draw of all weights applied to every row of a request, so a request's draws are joint across
-its rows; requests with different seeds get independent draws. A request's draws are a
-function of the request alone (its rows, seed and n), to the bit: its products are calls of
-its own (training.segments), so what else shares the batch changes nothing.
+Every row carries its request's seed. Draw `s` is one posterior draw of all weights applied
+to every row of a request, so a request's draws are joint across its rows; requests with
+different seeds get independent draws. With `sizes` (the rows of consecutive requests,
+`sizes[i]` each) a request's draws are a function of the request alone (its rows, seed and
+n), to the bit: its products are calls of its own (training.segments), so what else shares
+the batch changes nothing. Without, a model may run its products over the whole batch, each
+row's randomness still from its own seed: BLAS then picks kernels by the batch's shape, so a
+request's draws agree with its draws alone to float rounding, and cost less to compute.
 Inputs go in, and draws come out, in original units: the model carries its normalization.
 Regression draws hold the per-draw Gaussian mean and variance side by side on the last axis
 ([..., :k] and [..., k:]); classification draws are logits.
@@ -61,6 +63,9 @@ class PosteriorModel(nn.Module):
     """Base class: normalization + likelihood head around a method-specific body."""
 
     method: ClassVar[str]
+    # A posterior stored as M weight draws (ensembles, SG-MCMC samples) has M distinct
+    # draws; a continuous one (None) has as many as are asked for.
+    set_size: int | None = None
 
     def __init__(self, arch: dict, likelihood: dict, normalization: dict):
         super().__init__()
@@ -79,6 +84,11 @@ class PosteriorModel(nn.Module):
         """One request's standardized inputs [B, D] (fresh: aligned as an allocation is) ->
         raw head outputs [n, B, raw_features]."""
         raise NotImplementedError
+
+    def batch_draws(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs [n, B, raw_features] with products over the whole batch; a
+        method without such a path computes per request (one per run of equal seeds)."""
+        return self.request_draws(x, n, seeds, segments.runs(seeds))
 
     def request_draws(
         self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
@@ -110,7 +120,7 @@ class PosteriorModel(nn.Module):
         sizes: Sequence[int] | None = None,
     ) -> torch.Tensor:
         if sizes is None:
-            sizes = segments.runs(seeds)
+            return self._draws(self.batch_draws(x, n, seeds))
         segments.check_sizes(sizes, x.shape[0])
         return self._draws(self.request_draws(x, n, seeds, sizes))
 
@@ -168,18 +178,14 @@ class MCDropoutMLP(PosteriorModel):
                 h = self.activation(h)
         return h
 
-    @torch.inference_mode()
-    def sample_per_row(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        """`sample`'s draws with the whole batch in each product, every row's masks made from
-        its own seed. No step's size depends on the seeds' values or on the requests, so
-        nothing waits for the device: this is what a CUDA graph can capture
-        (service.cuda_graphs). The products' kernels then depend on the batch's shape, so the
-        draws equal `sample`'s to float rounding, not to the bit."""
-        return self._draws(self._batch_draws(self.normalizer.inputs(x), n, seeds))
+    def batch_draws(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        """The whole batch in each product, every row's masks made from its own seed. No
+        step's size depends on the seeds' values or on the requests, so nothing waits for the
+        device: this is what a CUDA graph can capture (service.cuda_graphs).
 
-    def _batch_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        """Layers before the first dropout run once for all draws; the rest run on chunks of
+        Layers before the first dropout run once for all draws; the rest run on chunks of
         draws small enough that each layer's activations stay in a core's L2 cache."""
+        z = self.normalizer.inputs(x)
         keep, activation = 1 - self.p, self.activation_name
         plan = [  # (layer, keys of its input's dropout masks or None)
             (layer, rng.draw_keys(seeds, n, stream=i) if self._dropped(i) else None)
@@ -403,6 +409,12 @@ def _dropout(h: torch.Tensor, keys: torch.Tensor, keep: float) -> torch.Tensor:
 
 
 MODEL_TYPES: dict[str, type[PosteriorModel]] = {MCDropoutMLP.method: MCDropoutMLP}
+
+
+def draws_used(n: int, set_size: int | None) -> int:
+    """The draws a request for n takes: from a set of M draws, more than M is the whole set
+    (its exact mixture), so that a client's num_samples suits every model."""
+    return n if set_size is None else min(n, set_size)
 
 
 def build_model(config: dict, normalization: dict) -> PosteriorModel:

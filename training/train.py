@@ -32,7 +32,7 @@ from training.fit import (
 from training.likelihoods import NOISE_KINDS
 from training.methods import get_method
 from training.metrics import metrics_from_draws, sample_draws, uncertainty_stats
-from training.model import PosteriorModel
+from training.model import PosteriorModel, draws_used
 
 DEFAULT_HIDDEN = (100, 100)
 DEFAULT_VAL_FRACTION = 0.2
@@ -132,7 +132,7 @@ def train_model(
         torch.manual_seed(options.seed)
         model = approximation.build(train.num_features, list(hidden), activation, likelihood, stats)
         result = approximation.train(model, fit_set, val_set, options)
-    eval_samples = min(eval_samples, sample_limits(model)["max"])
+    eval_samples = draws_used(eval_samples, model.set_size)
     metrics: dict[str, dict] = {}
     with torch_threads(options.threads or auto_threads(model)):
         refit = None
@@ -168,12 +168,11 @@ def train_model(
 
 
 def sample_limits(model: PosteriorModel, requested: dict[str, int] | None = None) -> dict:
-    """Default and maximum draws per request. A stored set of M draws (ensemble members,
-    SG-MCMC samples) has exactly M distinct draws, so both are capped at M."""
+    """Default and maximum num_samples per request. A stored set of M draws (ensemble
+    members, SG-MCMC samples) defaults to all M; a request above M gets the M, so the
+    maximum is the same as any model's."""
     limits = dict(requested or NUM_SAMPLES)
-    cap = getattr(model, "sample_limits", None)
-    if cap is not None:
-        limits = cap if requested is None else {k: min(v, cap["max"]) for k, v in limits.items()}
+    limits["default"] = draws_used(limits["default"], model.set_size)
     return limits
 
 

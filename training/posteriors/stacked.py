@@ -3,8 +3,8 @@
 The M weight sets of an MLP are stacked tensors ([M, in, out] per layer), so all members
 run in one batched matmul, for training (one optimizer step updates every ensemble member or
 every parallel chain) and for serving. Draw s is member s mod M: a fixed set of draws needs
-no randomness, so every seed gets the same, joint, draws and seed-purity holds trivially;
-the manifest sets the default and maximum num_samples to M.
+no randomness, so every seed gets the same, joint, draws and seed-purity holds trivially.
+A request for more than M draws gets the M (`training.model.draws_used`).
 """
 
 from __future__ import annotations
@@ -47,16 +47,17 @@ class StackedMLP(PosteriorModel):
             )
 
     @property
-    def sample_limits(self) -> dict[str, int]:
-        return {"default": self.members, "max": self.members}
+    def set_size(self) -> int:
+        return self.members
 
     def body_parameters(self) -> list[nn.Parameter]:
         """The stacked weights and biases (the head's parameters, if any, are not stacked)."""
         return [*self.weights, *self.biases]
 
-    def run(self, h: torch.Tensor) -> torch.Tensor:
-        """Inputs [B, D] or per-member [M, B, D] -> raw outputs [M, B, out] of every member."""
-        weights, biases = list(self.weights), list(self.biases)
+    def run(self, h: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Inputs [B, D] or per-member [n, B, D] -> raw outputs [n, B, out] of draws 0..n-1
+        (every member when n is None)."""
+        weights, biases = self._draw_weights(self.members if n is None else n, h.device)
         m = weights[0].shape[0]
         if h.dim() == 2:
             h = h.unsqueeze(0).expand(m, *h.shape)
@@ -70,6 +71,18 @@ class StackedMLP(PosteriorModel):
         """Every member on the same rows: [M, B, raw_features] (the loss sums members)."""
         return self.run(z)
 
+    def _draw_weights(
+        self, n: int, device: torch.device
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each layer's weights and biases of draws 0..n-1 (draw s is member s mod M)."""
+        if n <= self.members:
+            return [w[:n] for w in self.weights], [b[:n] for b in self.biases]
+        members = torch.arange(n, device=device) % self.members
+        return [w[members] for w in self.weights], [b[members] for b in self.biases]
+
+    def batch_draws(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        return self.run(self.normalizer.inputs(x), n)
+
     def request_draws(
         self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
     ) -> torch.Tensor:
@@ -77,11 +90,7 @@ class StackedMLP(PosteriorModel):
         (one baddbmm per request and layer) and the activations over the whole batch: a
         request's draws are its own whatever it shares the batch with. Request i's
         activations are a block [n, r_i, width] that starts aligned, as it does alone."""
-        if n <= self.members:
-            weights, biases = [w[:n] for w in self.weights], [b[:n] for b in self.biases]
-        else:
-            members = torch.arange(n, device=x.device) % self.members
-            weights, biases = [w[members] for w in self.weights], [b[members] for b in self.biases]
+        weights, biases = self._draw_weights(n, x.device)
         d = weights[0].shape[1]
         rows = segments.request_rows(tuple(sizes), segments.row_multiple([d], 4), x.device)
         z = rows.pad(self.normalizer.inputs(x))
