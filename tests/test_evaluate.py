@@ -12,9 +12,10 @@ from conftest import make_settings, serve
 
 from training import cli, evaluate
 from training.calibration import summarize
-from training.checkpoint import latest_checkpoint
+from training.checkpoint import latest_checkpoint, save_checkpoint
 from training.data import load_data
 from training.metrics import sample_draws
+from training.model import build_model
 
 SEED = 3
 
@@ -71,3 +72,26 @@ def test_incompatible_requests_are_refused_with_a_reason(model_dir, capsys, argv
         evaluate.main(["--model", str(model_dir / "toy"), *argv])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("stored_max", [3, 1000])  # as older checkpoints wrote it, and now
+def test_a_sample_set_is_scored_on_all_its_draws_when_more_are_asked(tmp_path, capsys, stored_max):
+    """As the server serves it: more draws than a set of M has is its M."""
+    torch.manual_seed(0)
+    config = {"method": "ensemble", "arch": {"in_features": 1, "hidden": [8], "members": 3}}
+    config["likelihood"] = {"kind": "gaussian", "num_targets": 1, "noise": "homoscedastic"}
+    stats = {"x_mean": [0.0], "x_std": [1.0], "y_mean": [0.0], "y_std": [1.0]}
+    manifest = {
+        "input": {"shape": [1], "dtype": "float32", "feature_names": ["x"]},
+        "output": {"names": ["y"]},
+        "num_samples": {"default": 3, "max": stored_max},
+        "calibration": None,
+    }
+    save_checkpoint(build_model(config, stats), tmp_path, "ens", manifest)
+    reports = {}
+    for n in ("200", "3"):
+        argv = ["--model", str(tmp_path / "ens"), "--data", "toy:sine-gap", "--num-samples", n]
+        assert evaluate.main(argv) == 0
+        reports[n] = json.loads(capsys.readouterr().out)
+    assert reports["200"]["num_samples"] == 3
+    assert reports["200"] == reports["3"]

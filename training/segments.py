@@ -4,11 +4,12 @@ A batch's rows are those of consecutive requests, `sizes` rows each. Matrix-prod
 libraries choose a kernel, and with it the order in which a product's terms are added, by the
 shape of the matrices and the alignment of their memory: on x86 MKL one row multiplied alone
 takes another path than the same row among three, or among a hundred. So a row's product is
-the same bits in two batches only if it comes from the same call. Every product a request's
-draws go through is therefore a call over that request's rows only, with the same shape and
-the same alignment (ALIGN_BYTES) alone and in any batch: a seeded request gets the same bits
-whatever it is batched with, on any device whose library is deterministic for one call,
-without depending on which kernel the library picks.
+the same bits in two batches only if it comes from the same call. When the caller gives the
+sizes, every product a request's draws go through is therefore a call over that request's
+rows only, with the same shape and the same alignment (ALIGN_BYTES) alone and in any batch:
+a seeded request gets the same bits whatever it is batched with, on any device whose library
+is deterministic for one call, without depending on which kernel the library picks. The
+price is a call per request and layer, where the weights are packed again each time.
 """
 
 from __future__ import annotations
