@@ -216,14 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=NUM_SAMPLES["default"],
         metavar="N",
-        help="posterior draws per request when the request does not say",
+        help="posterior draws per request when the request does not say (a sample set of "
+        "M draws: at most M)",
     )
     out.add_argument(
         "--max-num-samples",
         type=_positive_int,
         default=NUM_SAMPLES["max"],
         metavar="N",
-        help="most posterior draws a request may ask for",
+        help="most posterior draws a request may ask for (a sample set of M draws serves a "
+        "request for more with its M)",
     )
     out.add_argument(
         "--eval-samples",
