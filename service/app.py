@@ -267,9 +267,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(orjson.dumps(model_detail(entry)))
 
     async def predict(
-        name: str, version: str | None, scope: Scope, receive: Receive, send: Send
+        name: str, version: str | None, verb: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        """POST /v1/models/{name}[/versions/{version}]:predict, as plain ASGI (service.gateway)."""
+        """POST /v1/models/{name}[/versions/{version}]:predict (or :sample, the draws), as
+        plain ASGI (service.gateway)."""
         start = time.perf_counter()
         labels, status = ["", ""], 500
         try:
@@ -282,9 +283,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if body is None:  # the client is gone: nothing to answer
                 status = 499
                 return
-            req = protocol.parse_predict(body, spec, settings.max_instances)
+            draws = verb == "sample"
+            req = protocol.parse_predict(body, spec, settings.max_instances, draws)
             seed = req.seed if req.seed is not None else UNSEEDED.getrandbits(63)
-            render = partial(protocol.render, spec, req.num_samples, seed)
+            renderer = protocol.render_draws if draws else protocol.render
+            render = partial(renderer, spec, req.num_samples, seed)
             batcher: Batcher = app.state.batchers[loaded.key]
             payload = await batcher.submit(req.x, req.num_samples, req.levels, seed, render)
             status = 200

@@ -42,6 +42,7 @@ RETRY_AFTER_S = 1
 EXPIRY_TICK_S = 0.05
 LOOP_TURNS = 2  # see Batcher._collect
 Render = Callable[[list[dict]], bytes]  # the request's rows of `protocol.predictions`
+# (or of `protocol.draw_rows` for a :sample request, whose levels are None)
 
 
 @dataclass(eq=False)
@@ -50,7 +51,7 @@ class Job:
 
     x: np.ndarray  # protocol.PredictRequest.x
     num_samples: int
-    levels: tuple[float, ...]
+    levels: tuple[float, ...] | None  # None: the draws themselves
     seed: int
     render: Render
     deadline: float  # event-loop time
@@ -143,7 +144,7 @@ class Batcher:
         self,
         x: np.ndarray,
         num_samples: int,
-        levels: tuple[float, ...],
+        levels: tuple[float, ...] | None,
         seed: int,
         render: Render,
     ) -> bytes:
@@ -293,7 +294,7 @@ class Batcher:
         x = torch.from_numpy(np.concatenate([job.x for job in batch]))
         seeds = torch.tensor([job.seed for job in batch for _ in range(job.rows)])
         offsets = [0]
-        by_key: dict[tuple[int, tuple[float, ...]], list[int]] = {}
+        by_key: dict[tuple[int, tuple[float, ...] | None], list[int]] = {}
         for i, job in enumerate(batch):
             offsets.append(offsets[-1] + job.rows)
             by_key.setdefault((job.num_samples, job.levels), []).append(i)
@@ -317,8 +318,11 @@ class Batcher:
         spec = self.loaded.spec
         outcomes: list[bytes | BaseException] = [None] * len(batch)  # type: ignore[list-item]
         for (_, levels, _, _), indices, summary in zip(groups, members, summaries, strict=True):
-            self._observe_uncertainty(summary)
-            rendered = protocol.predictions(spec, summary, levels)
+            if levels is None:
+                rendered = protocol.draw_rows(spec, summary)
+            else:
+                self._observe_uncertainty(summary)
+                rendered = protocol.predictions(spec, summary, levels)
             start_row = 0
             for i in indices:
                 part = slice(start_row, start_row + batch[i].rows)

@@ -20,11 +20,13 @@ from service.errors import ApiError, Problem
 log = logging.getLogger("credence.app")
 
 # {name} and {version} match one path segment each, like Starlette's default convertor.
-PREDICT_PATH = re.compile(r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:predict")
+PREDICT_PATH = re.compile(
+    r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:(?P<verb>predict|sample)"
+)
 JSON_HEADER = (b"content-type", b"application/json")
 
-# (name, version or None, scope, receive, send)
-PredictHandler = Callable[[str, str | None, Scope, Receive, Send], Awaitable[None]]
+# (name, version or None, verb: "predict" or "sample", scope, receive, send)
+PredictHandler = Callable[[str, str | None, str, Scope, Receive, Send], Awaitable[None]]
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -81,7 +83,8 @@ class Gateway:
                 )
                 await send_error(send, error)
                 return
-            await self.predict(match["name"], match["version"], scope, receive, watch)
+            name, version, verb = match["name"], match["version"], match["verb"]
+            await self.predict(name, version, verb, scope, receive, watch)
         except Exception as exc:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if started:

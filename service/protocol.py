@@ -26,6 +26,7 @@ from training.summaries import Summary
 NUMBERS = frozenset({int, float})  # exact types: bool is an int subclass and is refused
 TOP_LEVEL = ("instances", "parameters")
 PARAMETERS = ("num_samples", "credible_levels", "seed")
+SAMPLE_PARAMETERS = ("num_samples", "seed")  # :sample returns draws, not intervals
 DEFAULT_LEVELS = (0.95,)
 MAX_LEVELS = 16
 MAX_SEED = 2**63 - 1
@@ -43,7 +44,7 @@ class PredictRequest:
 
     x: np.ndarray
     num_samples: int
-    levels: tuple[float, ...]
+    levels: tuple[float, ...] | None  # None: the draws themselves (:sample)
     seed: int | None
 
 
@@ -87,8 +88,11 @@ def where(location: Location) -> str:
     return text
 
 
-def parse_predict(body: bytes, spec: ModelSpec, max_instances: int) -> PredictRequest:
-    """Validate a predict body against `spec`; raises ApiError (400 / 422) listing problems."""
+def parse_predict(
+    body: bytes, spec: ModelSpec, max_instances: int, draws: bool = False
+) -> PredictRequest:
+    """Validate a predict body (a :sample body when `draws`) against `spec`; raises ApiError
+    (400 / 422) listing problems."""
     data = load_json(body)
     if not isinstance(data, dict):
         raise ApiError.single(
@@ -102,11 +106,12 @@ def parse_predict(body: bytes, spec: ModelSpec, max_instances: int) -> PredictRe
         for key in data
         if key not in TOP_LEVEL
     ]
-    num_samples, levels, seed = _parameters(data.get("parameters"), spec, problems)
+    allowed = SAMPLE_PARAMETERS if draws else PARAMETERS
+    num_samples, levels, seed = _parameters(data.get("parameters"), spec, problems, allowed)
     x = _instances(data.get("instances", _MISSING), spec, max_instances, problems)
     if problems or x is None:
         raise ApiError(422, problems[:MAX_PROBLEMS])
-    return PredictRequest(x, spec.draws(num_samples), levels, seed)
+    return PredictRequest(x, spec.draws(num_samples), None if draws else levels, seed)
 
 
 def _integer(
@@ -127,7 +132,7 @@ def _integer(
 
 
 def _parameters(
-    value: object, spec: ModelSpec, problems: list[Problem]
+    value: object, spec: ModelSpec, problems: list[Problem], allowed: Sequence[str]
 ) -> tuple[int, tuple[float, ...], int | None]:
     num_samples, levels, seed = spec.default_num_samples, DEFAULT_LEVELS, None
     if value is None:
@@ -138,11 +143,11 @@ def _parameters(
         )
         return num_samples, levels, seed
     for key in value:
-        if key not in PARAMETERS:
+        if key not in allowed:
             problems.append(
                 Problem(
                     "unknown_parameter",
-                    f"unknown parameter {key!r}; allowed: {', '.join(PARAMETERS)}",
+                    f"unknown parameter {key!r}; allowed: {', '.join(allowed)}",
                     ("parameters", key),
                 )
             )
@@ -386,6 +391,32 @@ def render(spec: ModelSpec, num_samples: int, seed: int, predictions: list[dict]
             "num_samples": num_samples,
             "seed": seed,
             "predictions": predictions,
+        }
+    )
+
+
+def draw_rows(spec: ModelSpec, draws: Summary) -> list[dict]:
+    """One object per row of a batch's `training.summaries.per_draw` fields, [n][outputs]
+    lists each (one `tolist` per field for the whole batch)."""
+    columns = {key: value.tolist() for key, value in draws.items()}
+    rows = zip(*columns.values(), strict=True)
+    return [dict(zip(columns, values, strict=True)) for values in rows]
+
+
+def render_draws(spec: ModelSpec, num_samples: int, seed: int, rows: list[dict]) -> bytes:
+    """A :sample response: each field draw-major, [n][instances][outputs], so that draw s
+    is one joint posterior sample of the request's instances."""
+    fields = {
+        key: [list(s) for s in zip(*(row[key] for row in rows), strict=True)] for key in rows[0]
+    }
+    return orjson.dumps(
+        {
+            "model_name": spec.name,
+            "model_version": spec.version,
+            "num_samples": num_samples,
+            "seed": seed,
+            "outputs": list(spec.output_names),
+            "draws": fields,
         }
     )
 

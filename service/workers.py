@@ -32,11 +32,12 @@ from service.onnx_backend import OnnxSampler
 from service.registry import LoadedModel, load_version
 from service.settings import Settings
 from training.calibration import summarize
-from training.summaries import Summary
+from training.summaries import Summary, per_draw
 
-# (num_samples, credible levels, the batch rows of the group's requests or None for all,
-# the rows of each of its requests or None: see the sampler contract, training.model)
-Group = tuple[int, tuple[float, ...], list[int] | None, list[int] | None]
+# (num_samples, credible levels or None for the draws themselves (:sample), the batch rows
+# of the group's requests or None for all, the rows of each of its requests or None: see
+# the sampler contract, training.model)
+Group = tuple[int, tuple[float, ...] | None, list[int] | None, list[int] | None]
 
 
 @torch.inference_mode()
@@ -56,8 +57,10 @@ def summarize_batch(
             draws = loaded.model.sample(x[index], n, seeds[index], sizes)
         else:
             draws = loaded.model.sample(x, n, seeds, sizes)
-        # the spec's calibration (if any) is applied here
-        summaries.append(summarize(spec.task, draws, levels, spec.calibration))
+        if levels is None:  # the model's own draws: a calibration shapes summaries only
+            summaries.append(per_draw(spec.task, draws))
+        else:  # the spec's calibration (if any) is applied here
+            summaries.append(summarize(spec.task, draws, levels, spec.calibration))
     return to_host(summaries, device)
 
 
@@ -140,7 +143,7 @@ class WorkerProcess:
     ) -> list[Summary]:
         """`summarize_batch` in the process (restarted first if it had died)."""
         await self.ready()
-        header = {"groups": [[n, list(levels), rows, sizes] for n, levels, rows, sizes in groups]}
+        header = {"groups": [list(group) for group in groups]}
         try:
             writer = self._stream[1]
             writer.write(_encode(header, {"x": x.contiguous(), "seeds": seeds}))
@@ -224,7 +227,10 @@ def _serve(sock: socket.socket, path: str, device: torch.device, settings: Setti
     sock.sendall(_encode({}))
     while (message := _receive_blocking(sock)) is not None:
         header, tensors = _decode(message)
-        groups = [(n, tuple(levels), rows, sizes) for n, levels, rows, sizes in header["groups"]]
+        groups = [
+            (n, None if levels is None else tuple(levels), rows, sizes)
+            for n, levels, rows, sizes in header["groups"]
+        ]
         try:
             summaries = summarize_batch(loaded, tensors["x"], tensors["seeds"], groups)
             fields = {

@@ -167,6 +167,20 @@ def classification_summary(logits: torch.Tensor, levels: Sequence[float]) -> Sum
     }
 
 
+def per_draw(task: str, draws: torch.Tensor) -> Summary:
+    """Draws [n, B, ...] -> what each draw predicts, rows first ([B, n, ...]: a batch's rows
+    are split among its requests along axis 0): per-draw mean and variance (regression) or
+    probabilities (classification). Joint draws are what a decision needs: P(f(a) > f(b)),
+    or a Thompson sample's argmax, is a statement about one draw at a time."""
+    draws = draws.double().transpose(0, 1)
+    if task == "regression":
+        k = draws.shape[-1] // 2
+        return {"mean": draws[..., :k], "variance": draws[..., k:]}
+    if task == "classification":
+        return {"probabilities": torch.softmax(draws, dim=-1)}
+    raise ValueError(f"unknown task {task!r}")
+
+
 def summarize(task: str, draws: torch.Tensor, levels: Sequence[float]) -> Summary:
     if task == "regression":
         return regression_summary(draws, levels)
