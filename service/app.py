@@ -269,8 +269,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def predict(
         name: str, version: str | None, verb: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        """POST /v1/models/{name}[/versions/{version}]:predict (or :sample, the draws), as
-        plain ASGI (service.gateway)."""
+        """POST /v1/models/{name}[/versions/{version}]:predict (or :sample, the draws, or
+        :acquire, a pool's best points to label), as plain ASGI (service.gateway)."""
         start = time.perf_counter()
         labels, status = ["", ""], 500
         try:
@@ -283,11 +283,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if body is None:  # the client is gone: nothing to answer
                 status = 499
                 return
-            draws = verb == "sample"
-            req = protocol.parse_predict(body, spec, settings.max_instances, draws)
+            req = protocol.parse_predict(body, spec, settings.max_instances, verb)
             seed = req.seed if req.seed is not None else UNSEEDED.getrandbits(63)
-            renderer = protocol.render_draws if draws else protocol.render
-            render = partial(renderer, spec, req.num_samples, seed)
+            if verb == "acquire":
+                render = partial(
+                    protocol.render_acquired, spec, req.num_samples, seed, req.acquisition, req.k
+                )
+            else:
+                renderer = protocol.render_draws if verb == "sample" else protocol.render
+                render = partial(renderer, spec, req.num_samples, seed)
             batcher: Batcher = app.state.batchers[loaded.key]
             payload = await batcher.submit(req.x, req.num_samples, req.levels, seed, render)
             status = 200

@@ -21,11 +21,11 @@ log = logging.getLogger("credence.app")
 
 # {name} and {version} match one path segment each, like Starlette's default convertor.
 PREDICT_PATH = re.compile(
-    r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:(?P<verb>predict|sample)"
+    r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:(?P<verb>predict|sample|acquire)"
 )
 JSON_HEADER = (b"content-type", b"application/json")
 
-# (name, version or None, verb: "predict" or "sample", scope, receive, send)
+# (name, version or None, verb: "predict", "sample" or "acquire", scope, receive, send)
 PredictHandler = Callable[[str, str | None, str, Scope, Receive, Send], Awaitable[None]]
 
 

@@ -25,8 +25,24 @@ from training.summaries import Summary
 
 NUMBERS = frozenset({int, float})  # exact types: bool is an int subclass and is refused
 TOP_LEVEL = ("instances", "parameters")
-PARAMETERS = ("num_samples", "credible_levels", "seed")
-SAMPLE_PARAMETERS = ("num_samples", "seed")  # :sample returns draws, not intervals
+PARAMETERS = {  # by route verb: :sample returns draws, not intervals
+    "predict": ("num_samples", "credible_levels", "seed"),
+    "sample": ("num_samples", "seed"),
+    "acquire": ("num_samples", "seed", "k", "acquisition"),
+}
+# what :acquire ranks a pool by, per task (the first is the default): BALD is the mutual
+# information between a point's label and the weights (Houlsby et al. 2011); a regression
+# model's counterpart is its epistemic variance (summed over targets)
+ACQUISITIONS = {
+    "classification": ("bald", "max_entropy", "variation_ratios"),
+    "regression": ("epistemic_variance",),
+}
+ACQUISITION_FIELDS = {
+    "bald": "mutual_information",
+    "max_entropy": "entropy",
+    "variation_ratios": "variation_ratio",
+    "epistemic_variance": "epistemic_variance",
+}
 DEFAULT_LEVELS = (0.95,)
 MAX_LEVELS = 16
 MAX_SEED = 2**63 - 1
@@ -46,6 +62,8 @@ class PredictRequest:
     num_samples: int
     levels: tuple[float, ...] | None  # None: the draws themselves (:sample)
     seed: int | None
+    k: int = 0  # :acquire: how many of the pool to return, by `acquisition`
+    acquisition: str | None = None
 
 
 def load_json(body: bytes) -> object:
@@ -89,10 +107,10 @@ def where(location: Location) -> str:
 
 
 def parse_predict(
-    body: bytes, spec: ModelSpec, max_instances: int, draws: bool = False
+    body: bytes, spec: ModelSpec, max_instances: int, verb: str = "predict"
 ) -> PredictRequest:
-    """Validate a predict body (a :sample body when `draws`) against `spec`; raises ApiError
-    (400 / 422) listing problems."""
+    """Validate the body of a :predict, :sample or :acquire request (`verb`) against `spec`;
+    raises ApiError (400 / 422) listing problems."""
     data = load_json(body)
     if not isinstance(data, dict):
         raise ApiError.single(
@@ -106,12 +124,35 @@ def parse_predict(
         for key in data
         if key not in TOP_LEVEL
     ]
-    allowed = SAMPLE_PARAMETERS if draws else PARAMETERS
-    num_samples, levels, seed = _parameters(data.get("parameters"), spec, problems, allowed)
+    parameters = data.get("parameters")
+    num_samples, levels, seed = _parameters(parameters, spec, problems, PARAMETERS[verb])
     x = _instances(data.get("instances", _MISSING), spec, max_instances, problems)
+    k, acquisition = 0, None
+    if verb == "acquire" and x is not None:
+        k, acquisition = _acquisition(parameters, spec, len(x), problems)
     if problems or x is None:
         raise ApiError(422, problems[:MAX_PROBLEMS])
-    return PredictRequest(x, spec.draws(num_samples), None if draws else levels, seed)
+    levels = None if verb == "sample" else levels
+    return PredictRequest(x, spec.draws(num_samples), levels, seed, k, acquisition)
+
+
+def _acquisition(
+    parameters: object, spec: ModelSpec, pool: int, problems: list[Problem]
+) -> tuple[int, str]:
+    """:acquire's k (default 1, at most the pool) and acquisition (default the task's first)."""
+    values = parameters if isinstance(parameters, dict) else {}
+    allowed = "an integer from 1 to {high}, the number of instances"
+    k = _integer(values, "k", 1, pool, allowed, problems) or 1
+    choices = ACQUISITIONS[spec.task]
+    acquisition = values.get("acquisition", choices[0])
+    if acquisition not in choices:
+        message = (
+            f"acquisition must be one of {', '.join(choices)} for a {spec.task} model, "
+            f"got {describe(acquisition)}"
+        )
+        problems.append(Problem("invalid_value", message, ("parameters", "acquisition")))
+        acquisition = choices[0]
+    return k, acquisition
 
 
 def _integer(
@@ -421,6 +462,27 @@ def render_draws(spec: ModelSpec, num_samples: int, seed: int, rows: list[dict])
     )
 
 
+def render_acquired(
+    spec: ModelSpec, num_samples: int, seed: int, acquisition: str, k: int, rows: list[dict]
+) -> bytes:
+    """An :acquire response: the k instances of the pool that score highest (ties: the
+    earlier first), by index, with their scores."""
+    field = ACQUISITION_FIELDS[acquisition]
+    scores = [math.fsum(v) if isinstance(v := row[field], list) else v for row in rows]
+    best = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+    return orjson.dumps(
+        {
+            "model_name": spec.name,
+            "model_version": spec.version,
+            "num_samples": num_samples,
+            "seed": seed,
+            "acquisition": acquisition,
+            "indices": best,
+            "scores": [scores[i] for i in best],
+        }
+    )
+
+
 def _intervals(summary: Summary, levels: Sequence[float]) -> list[list[dict]]:
     lower = summary["lower"].transpose(0, 1).tolist()  # [B][L][outputs]
     upper = summary["upper"].transpose(0, 1).tolist()
@@ -451,6 +513,7 @@ def _classification(summary: Summary, levels: Sequence[float], labels: Sequence[
     entropy = summary["entropy"].tolist()
     expected = summary["expected_entropy"].tolist()
     mutual = summary["mutual_information"].tolist()
+    variation = summary["variation_ratio"].tolist()
     intervals = _intervals(summary, levels)
     return [
         {
@@ -460,6 +523,7 @@ def _classification(summary: Summary, levels: Sequence[float], labels: Sequence[
             "entropy": entropy[i],
             "expected_entropy": expected[i],
             "mutual_information": mutual[i],
+            "variation_ratio": variation[i],
             "intervals": intervals[i],
         }
         for i in range(len(probabilities))

@@ -118,3 +118,15 @@ def test_a_rows_summary_is_the_same_bits_alone_or_in_any_batch(n, threads):
                     assert torch.equal(mine, theirs), (key, row, part)
     finally:
         torch.set_num_threads(before)
+
+
+def test_variation_ratio_is_the_share_of_draws_off_the_modal_class():
+    # 3 of 4 draws pick class 0, 1 picks class 2; a second row where all agree
+    logits = torch.tensor(
+        [[[5.0, 0.0, 0.0], [0.0, 3.0, 0.0]],
+         [[4.0, 1.0, 0.0], [0.0, 2.0, 1.0]],
+         [[2.0, 0.0, 1.0], [1.0, 4.0, 0.0]],
+         [[0.0, 0.0, 9.0], [0.0, 1.0, 0.0]]]
+    )  # fmt: skip
+    s = classification_summary(logits, [0.9])
+    torch.testing.assert_close(s["variation_ratio"], torch.tensor([0.25, 0.0], dtype=torch.float64))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from statistics import NormalDist
 
 import torch
+import torch.nn.functional as F
 
 Summary = dict[str, torch.Tensor]
 
@@ -154,6 +155,10 @@ def classification_summary(logits: torch.Tensor, levels: Sequence[float]) -> Sum
     entropy = -torch.special.xlogy(p_mean, p_mean).sum(-1)
     expected_entropy = sample_mean(-(p * log_p).sum(-1))
     confidence, predicted = p_mean.max(-1)
+    # the share of draws whose own argmax is not the modal class (Freeman 1965); counts are
+    # exact, so their order of addition does not matter
+    votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)
+    variation_ratio = 1 - votes.max(-1).values.double() / logits.shape[0]
     tails = torch.tensor([(1 - level) / 2 for level in levels], dtype=torch.float64)
     return {
         "probabilities": p_mean,
@@ -162,6 +167,7 @@ def classification_summary(logits: torch.Tensor, levels: Sequence[float]) -> Sum
         "entropy": entropy,
         "expected_entropy": expected_entropy,
         "mutual_information": (entropy - expected_entropy).clamp_min(0),
+        "variation_ratio": variation_ratio,
         "lower": torch.quantile(p, tails.to(p.device), dim=0),
         "upper": torch.quantile(p, (1 - tails).to(p.device), dim=0),
     }
