@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -29,6 +30,7 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
     "max_instances": (int, "rows per request"),
     "max_queue": (int, "queued requests per model version before 503"),
     "request_timeout_s": (float, "deadline per request before 504"),
+    "shutdown_grace_s": (float, "after SIGTERM, how long queued and in-flight requests may take"),
     "torch_threads": (int, "intra-op threads (0: 1)"),
     "batch_workers": (str, "processes computing a model's batches (0: on the event loop; auto)"),
     "backend": (str, "torch, or onnx (each checkpoint's model.onnx, from credence-export)"),
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("credence").info(
         "credence-serve on %s:%d, device %s", settings.host, settings.port, device
     )
+    signal.signal(signal.SIGTERM, _drained)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -85,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0
+
+
+def _drained(signum: int, frame: object) -> None:
+    """uvicorn stops accepting on SIGTERM, lets every queued and in-flight request finish,
+    then raises the signal again under the handler it found: this one, so that a drained
+    server exits 0, as an orchestrator stopping a pod expects."""
+    sys.exit(0)
 
 
 if __name__ == "__main__":

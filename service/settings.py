@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_instances: int = Field(1024, ge=1, description="rows in one request")
     max_queue: int = Field(256, ge=1, description="requests waiting per model version")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline; past it, 504")
+    shutdown_grace_s: float = Field(
+        30.0, gt=0, description="after SIGTERM: how long queued and in-flight requests may take"
+    )
     torch_threads: int = Field(
         0, ge=0, description="intra-op threads; 0: 1 (a large model runs a batch per core)"
     )
