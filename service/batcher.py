@@ -79,6 +79,7 @@ class Batcher:
         self.batch_requests = metrics.batch_requests.labels(*self.labels)
         self.inference_seconds = metrics.inference.labels(*self.labels)
         self.uncertainty = metrics.uncertainty
+        self.ood_predictions = metrics.ood.labels(*self.labels)
         self._carry: Job | None = None  # took it, but it did not fit in the last batch
         self._task: asyncio.Task | None = None
         self._expiry: asyncio.Task | None = None
@@ -323,6 +324,8 @@ class Batcher:
             else:
                 self._observe_uncertainty(summary)
                 rendered = protocol.predictions(spec, summary, levels)
+                if flagged := sum(1 for row in rendered if row["ood"]):
+                    self.ood_predictions.inc(flagged)
             start_row = 0
             for i in indices:
                 part = slice(start_row, start_row + batch[i].rows)

@@ -136,6 +136,12 @@ class Metrics:
             buckets=UNCERTAINTY_BUCKETS,
             registry=r,
         )
+        self.ood = Counter(
+            "credence_ood_predictions",
+            "Served predictions flagged out of distribution (ood: true), by model.",
+            MODEL,
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.model_versions = Gauge(
             "credence_model_versions",

@@ -419,8 +419,16 @@ def predictions(spec: ModelSpec, summary: Summary, levels: Sequence[float]) -> l
     and field): each request then takes its slice of plain Python objects.
     """
     if spec.task == "regression":
-        return _regression(summary, levels, method_name(spec.calibration))
-    return _classification(summary, levels, spec.output_names)
+        rows = _regression(summary, levels, method_name(spec.calibration))
+    else:
+        rows = _classification(summary, levels, spec.output_names)
+    if spec.ood is None:  # a checkpoint without in-distribution reference scores
+        scores, flags = [None] * len(rows), [None] * len(rows)
+    else:
+        scores, flags = spec.ood.assess(summary)
+    for row, score, flag in zip(rows, scores, flags, strict=True):
+        row["ood_score"], row["ood"] = score, flag
+    return rows
 
 
 def render(spec: ModelSpec, num_samples: int, seed: int, predictions: list[dict]) -> bytes:

@@ -32,6 +32,7 @@ from training.checkpoint import (
 )
 from training.fit import is_small
 from training.model import MCDropoutMLP, PosteriorModel, draws_used
+from training.ood import OodReference
 
 log = logging.getLogger("credence.registry")
 
@@ -56,6 +57,7 @@ class ModelSpec:
     manifest: dict
     calibration: Calibration | None = None  # applied to every prediction (regression)
     set_size: int | None = None  # a finite posterior sample set's M (PosteriorModel.set_size)
+    ood: OodReference | None = None  # each prediction's ood_score and flag (training.ood)
 
     @property
     def num_outputs(self) -> int:
@@ -105,6 +107,12 @@ def parse_spec(manifest: dict, settings: Settings, set_size: int | None = None) 
         calibration = parse_calibration(manifest.get("calibration"), task, len(names))
     except CalibrationError as exc:
         raise bad(str(exc)) from None
+    ood = None
+    if manifest.get("ood") is not None:
+        try:
+            ood = OodReference.parse(manifest["ood"], task)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     cap = min(cap or math.inf, settings.max_num_samples)
     default = draws_used(min(default or settings.default_num_samples, cap), set_size)
     return ModelSpec(
@@ -121,6 +129,7 @@ def parse_spec(manifest: dict, settings: Settings, set_size: int | None = None) 
         manifest=manifest,
         calibration=calibration,
         set_size=set_size,
+        ood=ood,
     )
 
 

@@ -38,15 +38,23 @@ def as_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 def sample_draws(
-    model: PosteriorModel, x: np.ndarray | torch.Tensor, n: int, seed: int
+    model: PosteriorModel,
+    x: np.ndarray | torch.Tensor,
+    n: int,
+    seed: int,
+    per_row: bool = False,
 ) -> torch.Tensor:
-    """Draws [n, B, out] for every row of `x` (original units), all rows under one seed.
+    """Draws [n, B, out] for every row of `x` (original units), all rows under one seed (one
+    request), or with `per_row` each under its own (seed + row: independent requests).
 
     Rows go through in chunks to bound memory; a draw depends only on (seed, draw index), so
-    chunking does not change the numbers.
+    chunking changes the numbers by float rounding at most.
     """
     x = as_tensor(x, torch.float32)
-    seeds = torch.full((len(x),), seed, dtype=torch.int64)
+    if per_row:
+        seeds = seed + torch.arange(len(x), dtype=torch.int64)
+    else:
+        seeds = torch.full((len(x),), seed, dtype=torch.int64)
     parts = [
         model.sample(x[i : i + CHUNK_ROWS], n, seeds[i : i + CHUNK_ROWS])
         for i in range(0, len(x), CHUNK_ROWS)

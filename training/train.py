@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from training import ood
 from training.calibration import METHODS as CALIBRATION_METHODS
-from training.calibration import fit_calibration
+from training.calibration import fit_calibration, summarize
 from training.checkpoint import save_checkpoint
 from training.data import Dataset
 from training.fit import (
@@ -56,6 +57,7 @@ class TrainResult:
     fit: FitResult
     config: dict[str, Any] = field(default_factory=dict)
     calibration: dict | None = None  # manifest["calibration"]: see training.calibration
+    ood: dict | None = None  # manifest["ood"]: see training.ood
 
 
 def likelihood_config(
@@ -146,6 +148,13 @@ def train_model(
         split = "validation" if val_set is not None else "train"
         metrics[split] = metrics_from_draws(train.task, draws, reference.y, fitted)
         stats_out = uncertainty_stats(train.task, draws, split=split)
+        # the scores the server will see: each row a request of its own (one seed for all
+        # would share their Monte-Carlo error, and shift the whole reference with it), with
+        # the calibration the server applies
+        own = sample_draws(model, reference.x, eval_samples, options.seed, per_row=True)
+        ood_reference = ood.reference(
+            train.task, summarize(train.task, own, [], fitted), eval_samples
+        )
         if test is not None and len(test):
             test_draws = sample_draws(model, test.x, eval_samples, options.seed)
             metrics["test"] = metrics_from_draws(train.task, test_draws, test.y, fitted)
@@ -164,7 +173,7 @@ def train_model(
         "calibration": calibration,
         "options": dataclasses.asdict(options),
     }
-    return TrainResult(model, metrics, stats_out, result, config, fitted)
+    return TrainResult(model, metrics, stats_out, result, config, fitted, ood_reference)
 
 
 def sample_limits(model: PosteriorModel, requested: dict[str, int] | None = None) -> dict:
@@ -194,6 +203,7 @@ def build_manifest(
         "calibration": result.calibration,
         "metrics": result.metrics,
         "uncertainty_stats": result.uncertainty_stats,
+        "ood": result.ood,
         "training": {
             **result.config,
             "epochs_run": result.fit.epochs_run,

@@ -1,0 +1,90 @@
+"""Out-of-distribution flags: how unusual a prediction's epistemic uncertainty is for the
+data the model was trained on.
+
+A posterior is unsure where it has not seen data, so the epistemic score (a classifier's
+mutual information; a regressor's epistemic std, averaged over targets) of inputs unlike the
+training data is large. What counts as large depends on the model: the checkpoint stores the
+score's quantiles on in-distribution rows (the validation rows, with the calibration the
+server applies), and a prediction gets `ood_score`, the share of those rows whose score is
+below its own (interpolated between stored quantiles), and `ood`, whether its score passes
+the quantile at 1 - FPR: at the default FPR of 5%, one in-distribution prediction in twenty
+is flagged, and the test below the threshold is a calibrated statement, not a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from training.summaries import Summary
+
+DEFAULT_FPR = 0.05
+LEVELS = np.linspace(0.0, 1.0, 101)  # the stored quantiles: every percentile
+SCORES = {"classification": "mutual_information", "regression": "epistemic_std"}
+
+
+def epistemic_score(task: str, summary: Summary) -> torch.Tensor:
+    """One score per row [B] from a batch's summaries."""
+    if task == "classification":
+        return summary["mutual_information"]
+    return summary["epistemic_variance"].clamp_min(0).sqrt().mean(-1)
+
+
+def reference(task: str, summary: Summary, num_samples: int, fpr: float = DEFAULT_FPR) -> dict:
+    """The manifest's `ood` entry from in-distribution rows' summaries of `num_samples`
+    draws (with fewer draws per request, scores are noisier and more rows pass the
+    threshold)."""
+    if not 0 < fpr < 1:
+        raise ValueError(f"the OOD false-positive rate must be in (0, 1), got {fpr}")
+    scores = epistemic_score(task, summary).double()
+    levels = torch.from_numpy(LEVELS)
+    return {
+        "score": SCORES[task],
+        "rows": int(scores.numel()),
+        "num_samples": num_samples,
+        "fpr": fpr,
+        "threshold": float(torch.quantile(scores, 1 - fpr)),
+        "levels": LEVELS.tolist(),
+        "quantiles": torch.quantile(scores, levels).tolist(),
+    }
+
+
+@dataclass(frozen=True)
+class OodReference:
+    """A checkpoint's `ood` entry, checked once at load."""
+
+    task: str
+    fpr: float
+    threshold: float
+    levels: np.ndarray
+    quantiles: np.ndarray
+
+    @classmethod
+    def parse(cls, entry: object, task: str) -> OodReference:
+        """ValueError says what is wrong with a malformed entry."""
+        if not isinstance(entry, dict):
+            raise ValueError(f"ood must be an object, got {type(entry).__name__}")
+        if entry.get("score") != SCORES[task]:
+            raise ValueError(f"ood.score must be {SCORES[task]!r} for {task}")
+        try:
+            levels = np.asarray(entry["levels"], dtype=np.float64)
+            quantiles = np.asarray(entry["quantiles"], dtype=np.float64)
+            fpr, threshold = float(entry["fpr"]), float(entry["threshold"])
+        except (KeyError, TypeError, ValueError) as exc:
+            message = f"ood needs numeric levels, quantiles, fpr and threshold ({exc})"
+            raise ValueError(message) from None
+        if levels.ndim != 1 or levels.shape != quantiles.shape or len(levels) < 2:
+            raise ValueError("ood.levels and ood.quantiles must be lists of the same length")
+        if not (np.all(np.diff(levels) > 0) and np.all(np.diff(quantiles) >= 0)):
+            raise ValueError("ood.levels must increase and ood.quantiles must not decrease")
+        if not (np.isfinite(quantiles).all() and np.isfinite(threshold) and 0 < fpr < 1):
+            raise ValueError("ood.quantiles, threshold and fpr must be finite, fpr in (0, 1)")
+        return cls(task, fpr, threshold, levels, quantiles)
+
+    def assess(self, summary: Summary) -> tuple[list[float], list[bool]]:
+        """Each row's ood_score (its score's level among the in-distribution rows) and flag."""
+        scores = epistemic_score(self.task, summary).double().cpu().numpy()
+        levels = np.interp(scores, self.quantiles, self.levels)
+        return levels.tolist(), (scores > self.threshold).tolist()
