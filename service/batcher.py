@@ -320,7 +320,7 @@ class Batcher:
         outcomes: list[bytes | BaseException] = [None] * len(batch)  # type: ignore[list-item]
         for (_, levels, _, _), indices, summary in zip(groups, members, summaries, strict=True):
             if levels is None:
-                rendered = protocol.draw_rows(spec, summary)
+                rendered = protocol.draw_rows(summary)
             else:
                 self._observe_uncertainty(summary)
                 rendered = protocol.predictions(spec, summary, levels)

@@ -444,7 +444,7 @@ def render(spec: ModelSpec, num_samples: int, seed: int, predictions: list[dict]
     )
 
 
-def draw_rows(spec: ModelSpec, draws: Summary) -> list[dict]:
+def draw_rows(draws: Summary) -> list[dict]:
     """One object per row of a batch's `training.summaries.per_draw` fields, [n][outputs]
     lists each (one `tolist` per field for the whole batch)."""
     columns = {key: value.tolist() for key, value in draws.items()}
