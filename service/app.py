@@ -10,9 +10,8 @@ import asyncio
 import gc
 import inspect
 import logging
-import random
-import time
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -22,30 +21,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
-from service import protocol
-from service.batcher import Batcher
+from service import protocol, v2_routes
+from service.batcher import Batcher, Columns, Render
 from service.cpus import available_cores
 from service.cuda_graphs import GraphedSampler
+from service.dataplane import Decode, predict_handler
 from service.errors import ApiError, Problem, error_body
-from service.gateway import (
-    Gateway,
-    PredictHandler,
-    internal_error,
-    read_body,
-    send_error,
-    send_json,
-)
+from service.gateway import FastRoute, Gateway, internal_error, native_error
 from service.metrics import Metrics
-from service.registry import FailedModel, LoadedModel, ModelEntry, Registry
+from service.registry import FailedModel, LoadedModel, ModelEntry, ModelSpec, Registry
 from service.settings import Settings, resolve_device
+from training.summaries import Summary
 
 log = logging.getLogger("credence.app")
 JSON = "application/json"
-# Seeds for requests that bring none: distinct, not secret (the response tells the seed),
-# so no os.urandom syscall per request (4% of the event loop's time at concurrency 32).
-UNSEEDED = random.Random()
+# {name} and {version} match one path segment each, like Starlette's default convertor.
+PREDICT_PATH = re.compile(
+    r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:(?P<verb>predict|sample|acquire)"
+)
 # Newer FastAPI instruments every request for OpenTelemetry and, even with no provider set
 # up, reads the environment per request to find out (a tenth of the event loop's time
 # under load). Operators watch this service through its Prometheus metrics instead.
@@ -168,10 +163,37 @@ def quiet_garbage_collector() -> None:
 class App(FastAPI):
     """FastAPI with the Gateway in front of its middleware stack (service.gateway)."""
 
-    predict: PredictHandler
+    fast_routes: list[FastRoute]
 
     def build_middleware_stack(self) -> ASGIApp:
-        return Gateway(super().build_middleware_stack(), self.predict)
+        return Gateway(super().build_middleware_stack(), self.fast_routes)
+
+
+def native_decode(settings: Settings) -> Decode:
+    """The native codec (service.protocol) in the data plane's shape: `verb` is the route's
+    :predict, :sample (the draws) or :acquire (a pool's best points to label)."""
+
+    def decode(
+        body: bytes, verb: str, scope: Scope, spec: ModelSpec
+    ) -> tuple[protocol.PredictRequest, Callable[[int], Render], Columns]:
+        req = protocol.parse_predict(body, spec, settings.max_instances, verb)
+
+        def renderer(seed: int) -> Render:
+            if verb == "acquire":
+                return partial(
+                    protocol.render_acquired, spec, req.num_samples, seed, req.acquisition, req.k
+                )
+            render = protocol.render_draws if verb == "sample" else protocol.render
+            return partial(render, spec, req.num_samples, seed)
+
+        return req, renderer, draw_columns if verb == "sample" else protocol.predictions
+
+    return decode
+
+
+def draw_columns(spec: ModelSpec, summary: Summary, levels: None) -> list[dict]:
+    """A :sample group's rows: its summary holds the draws themselves."""
+    return protocol.draw_rows(summary)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -266,41 +288,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         entry = request.app.state.registry.entry(name)
         return json_response(orjson.dumps(model_detail(entry)))
 
-    async def predict(
-        name: str, version: str | None, verb: str, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """POST /v1/models/{name}[/versions/{version}]:predict (or :sample, the draws, or
-        :acquire, a pool's best points to label), as plain ASGI (service.gateway)."""
-        start = time.perf_counter()
-        labels, status = ["", ""], 500
-        try:
-            registry: Registry = app.state.registry
-            labels[0] = name if name in registry.entries else "(unknown)"
-            loaded = registry.resolve(name, version)
-            labels[1] = str(loaded.spec.version)
-            spec = loaded.spec
-            body = await read_body(receive)
-            if body is None:  # the client is gone: nothing to answer
-                status = 499
-                return
-            req = protocol.parse_predict(body, spec, settings.max_instances, verb)
-            seed = req.seed if req.seed is not None else UNSEEDED.getrandbits(63)
-            if verb == "acquire":
-                render = partial(
-                    protocol.render_acquired, spec, req.num_samples, seed, req.acquisition, req.k
-                )
-            else:
-                renderer = protocol.render_draws if verb == "sample" else protocol.render
-                render = partial(renderer, spec, req.num_samples, seed)
-            batcher: Batcher = app.state.batchers[loaded.key]
-            payload = await batcher.submit(req.x, req.num_samples, req.levels, seed, render)
-            status = 200
-            await send_json(send, 200, payload)
-        except ApiError as exc:
-            status = exc.status
-            await send_error(send, exc)
-        finally:
-            metrics.observe_request(*labels, status, time.perf_counter() - start)
-
-    app.predict = predict
+    app.include_router(v2_routes.router)
+    app.fast_routes = [
+        FastRoute(
+            PREDICT_PATH, predict_handler(app, metrics, native_decode(settings), native_error)
+        ),
+        v2_routes.infer_route(app, metrics, settings),
+    ]
     return app

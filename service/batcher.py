@@ -24,14 +24,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from service import protocol
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.registry import LoadedModel
+from service.registry import LoadedModel, ModelSpec
 from service.settings import Settings
 from service.workers import Group, WorkerProcess, release_weights, summarize_batch
 from training.summaries import Summary
@@ -41,8 +41,11 @@ log = logging.getLogger("credence.batcher")
 RETRY_AFTER_S = 1
 EXPIRY_TICK_S = 0.05
 LOOP_TURNS = 2  # see Batcher._collect
-Render = Callable[[list[dict]], bytes]  # the request's rows of `protocol.predictions`
-# (or of `protocol.draw_rows` for a :sample request, whose levels are None)
+# A protocol's view of a group's summaries, made once per group (one `tolist` or array
+# per field, not one per request): it slices by rows, and each request renders its slice.
+# Levels None: a :sample request's group, whose summary holds the draws themselves.
+Columns = Callable[[ModelSpec, Summary, tuple[float, ...] | None], Any]
+Render = Callable[[Any], Any]  # the request's slice of its Columns -> the response
 
 
 @dataclass(eq=False)
@@ -54,6 +57,7 @@ class Job:
     levels: tuple[float, ...] | None  # None: the draws themselves
     seed: int
     render: Render
+    columns: Columns
     deadline: float  # event-loop time
     future: asyncio.Future = field(repr=False)
 
@@ -148,11 +152,13 @@ class Batcher:
         levels: tuple[float, ...] | None,
         seed: int,
         render: Render,
-    ) -> bytes:
-        """Queue one request and wait for its rendered response, `request_timeout_s` at most."""
+        columns: Columns,
+    ) -> Any:
+        """Queue one request and wait for its rendered response, `request_timeout_s` at most.
+        The batcher knows no protocol: `columns` and `render` are the request's codec's."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        job = Job(x, num_samples, levels, seed, render, deadline, loop.create_future())
+        job = Job(x, num_samples, levels, seed, render, columns, deadline, loop.create_future())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -314,30 +320,39 @@ class Batcher:
         groups: list[Group],
         members: list[list[int]],
         summaries: list[Summary],
-    ) -> list[bytes | BaseException]:
-        """Each request's response from its group's summaries (a failure fails it alone)."""
+    ) -> list[Any]:
+        """Each request's response from its group's summaries (a failure fails it alone);
+        the group's columns are made once per protocol among its requests."""
         spec = self.loaded.spec
-        outcomes: list[bytes | BaseException] = [None] * len(batch)  # type: ignore[list-item]
+        outcomes: list[Any] = [None] * len(batch)
         for (_, levels, _, _), indices, summary in zip(groups, members, summaries, strict=True):
-            if levels is None:
-                rendered = protocol.draw_rows(summary)
-            else:
+            if levels is not None:  # a :sample group's summary is its draws
                 self._observe_uncertainty(summary)
-                rendered = protocol.predictions(spec, summary, levels)
-                if flagged := sum(1 for row in rendered if row["ood"]):
-                    self.ood_predictions.inc(flagged)
+                self._count_ood(summary)
+            made: dict[Columns, Any] = {}
             start_row = 0
             for i in indices:
                 part = slice(start_row, start_row + batch[i].rows)
                 start_row = part.stop
+                job = batch[i]
                 try:
-                    outcomes[i] = batch[i].render(rendered[part])
+                    rendered = made.get(job.columns)
+                    if rendered is None:
+                        rendered = made[job.columns] = job.columns(spec, summary, levels)
+                    outcomes[i] = job.render(rendered[part])
                 except Exception as exc:  # one response that cannot be rendered fails alone
                     log.exception("rendering a response failed")
                     outcomes[i] = ApiError.single(
                         500, "render_failed", f"{type(exc).__name__}: {exc}"
                     )
         return outcomes
+
+    def _count_ood(self, summary: Summary) -> None:
+        """Count the group's OOD flags, whichever protocols answer its requests (each
+        protocol that serves the flags assesses them again: a few array ops per group)."""
+        ood = self.loaded.spec.ood
+        if ood is not None and (flagged := sum(ood.assess(summary)[1])):
+            self.ood_predictions.inc(flagged)
 
     def _observe_uncertainty(self, summary: Summary) -> None:
         if "epistemic_variance" in summary:

@@ -56,11 +56,19 @@ class ApiError(Exception):
         return error_body(self.problems)
 
 
-def error_body(problems: Sequence[Problem]) -> bytes:
+def problems_message(problems: Sequence[Problem]) -> str:
+    """The first problem's message, saying how many more there are: for protocols whose
+    error body is one string (V2's `{"error": "..."}`) and for `error.message` here."""
     first = problems[0]
-    error = first.as_dict()
+    if len(problems) == 1:
+        return first.message
+    more = len(problems) - 1
+    return f"{first.message} (and {more} more problem{'s' * (more > 1)})"
+
+
+def error_body(problems: Sequence[Problem]) -> bytes:
+    error = problems[0].as_dict()
     if len(problems) > 1:
-        more = len(problems) - 1
-        error["message"] = f"{first.message} (and {more} more problem{'s' * (more > 1)})"
+        error["message"] = problems_message(problems)
         error["details"] = [p.as_dict() for p in problems]
     return orjson.dumps({"error": error})

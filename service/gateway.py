@@ -1,4 +1,4 @@
-"""The outermost layer of the app: predict requests straight to their handler.
+"""The outermost layer of the app: every protocol's predict requests straight to their handler.
 
 Predict requests skip FastAPI's middleware, routing, dependency solving and per-route
 exception wrapping, which cost more than everything else on the event loop's side of a
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,14 +20,28 @@ from service.errors import ApiError, Problem
 
 log = logging.getLogger("credence.app")
 
-# {name} and {version} match one path segment each, like Starlette's default convertor.
-PREDICT_PATH = re.compile(
-    r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:(?P<verb>predict|sample|acquire)"
-)
 JSON_HEADER = (b"content-type", b"application/json")
 
-# (name, version or None, verb: "predict", "sample" or "acquire", scope, receive, send)
+# (name, version or None, verb: the route's action ("predict", "sample", "acquire",
+# "infer"), scope, receive, send)
 PredictHandler = Callable[[str, str | None, str, Scope, Receive, Send], Awaitable[None]]
+# an error as a protocol answers it: (status, body, headers)
+ErrorRenderer = Callable[[ApiError], tuple[int, bytes, Mapping[str, str]]]
+
+
+def native_error(error: ApiError) -> tuple[int, bytes, Mapping[str, str]]:
+    return error.status, error.body(), error.headers
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    """One protocol's predict routes: their path ({name} and {version} match one path
+    segment each, like Starlette's default convertor; {verb} is the action), their handler,
+    and how they word errors."""
+
+    path: re.Pattern[str]
+    handler: PredictHandler
+    error: ErrorRenderer = native_error
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -50,24 +65,51 @@ async def send_json(
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, error: ApiError) -> None:
-    await send_json(send, error.status, error.body(), error.headers)
+@dataclass(frozen=True)
+class Reply:
+    """A response body with its own headers (content-type included); a plain `bytes`
+    response is JSON."""
+
+    body: bytes
+    headers: Mapping[str, str]
+
+
+async def send_reply(send: Send, reply: bytes | Reply) -> None:
+    if isinstance(reply, bytes):
+        await send_json(send, 200, reply)
+        return
+    raw = [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
+    raw.append((b"content-length", str(len(reply.body)).encode()))
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+async def send_error(send: Send, error: ApiError, render: ErrorRenderer = native_error) -> None:
+    await send_json(send, *render(error))
 
 
 class Gateway:
-    """In front of the app's whole middleware stack: predict paths go to `predict`, which
-    gets a JSON 500 (and a logged traceback) for any exception it lets out; everything else
-    goes to the FastAPI app, whose own handlers answer its errors."""
+    """In front of the app's whole middleware stack: each route's path goes to its handler,
+    which gets a JSON 500 (and a logged traceback) for any exception it lets out; everything
+    else goes to the FastAPI app, whose own handlers answer its errors."""
 
-    def __init__(self, app: ASGIApp, predict: PredictHandler):
+    def __init__(self, app: ASGIApp, routes: Sequence[FastRoute]):
         self.app = app
-        self.predict = predict
+        self.routes = tuple(routes)
+
+    def match(self, path: str) -> tuple[FastRoute, re.Match[str]] | None:
+        for route in self.routes:
+            found = route.path.fullmatch(path)
+            if found is not None:
+                return route, found
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = PREDICT_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
-        if match is None:
+        matched = self.match(scope["path"]) if scope["type"] == "http" else None
+        if matched is None:
             await self.app(scope, receive, send)
             return
+        route, match = matched
         started = False
 
         async def watch(message: Message) -> None:
@@ -81,15 +123,15 @@ class Gateway:
                 error = ApiError.single(
                     405, "method_not_allowed", message, ("path",), headers={"Allow": "POST"}
                 )
-                await send_error(send, error)
+                await send_error(send, error, route.error)
                 return
             name, version, verb = match["name"], match["version"], match["verb"]
-            await self.predict(name, version, verb, scope, receive, watch)
+            await route.handler(name, version, verb, scope, receive, watch)
         except Exception as exc:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if started:
                 raise
-            await send_error(send, internal_error(exc))
+            await send_error(send, internal_error(exc), route.error)
 
 
 def internal_error(exc: Exception) -> ApiError:

@@ -35,6 +35,7 @@ from service.batcher import Batcher, Job
 from service.cpus import available_cores
 from service.errors import ApiError
 from service.metrics import Metrics
+from service.protocol import predictions
 from service.registry import Registry
 from service.workers import WorkerProcess
 from training.checkpoint import WEIGHTS, latest_checkpoint
@@ -316,7 +317,7 @@ def test_stopping_answers_a_batch_in_flight_and_the_queue_with_503(model_dir: Pa
         x = np.zeros((1, 3), np.float32)
         with paused(*batcher.processes):
             requests = [  # the first is computed; the second waits in the queue (1-row batches)
-                asyncio.create_task(batcher.submit(x, 10, (0.9,), seed, lambda _: b""))
+                asyncio.create_task(batcher.submit(x, 10, (0.9,), seed, lambda _: b"", predictions))
                 for seed in (1, 2)
             ]
             await asyncio.sleep(0.2)
@@ -345,7 +346,9 @@ def test_a_worker_that_cannot_load_the_model_fails_its_batches_saying_why(
         batcher.start()
         await batcher.ready()  # logs the failure and serves on
         try:
-            return await batcher.submit(np.zeros((1, 3), np.float32), 10, (0.9,), 1, lambda _: b"")
+            return await batcher.submit(
+                np.zeros((1, 3), np.float32), 10, (0.9,), 1, lambda _: b"", predictions
+            )
         except ApiError as error:
             return error
         finally:
@@ -377,6 +380,7 @@ def test_a_batch_on_the_loop_waits_a_turn_for_requests_being_read(
                 (0.9,),
                 seed,
                 lambda _: b"",
+                predictions,
                 0.0,
                 loop.create_future(),
             )

@@ -1,0 +1,471 @@
+"""The Open Inference Protocol (KServe V2) codec: infer bodies in, named output tensors out.
+
+A request carries one input tensor named "input", FP32 or FP64, shape [B, *input_shape],
+as JSON `data` (flat or nested, row-major) or as raw little-endian bytes after the JSON
+header (Triton's binary tensor data extension: the `Inference-Header-Content-Length` header
+says where the JSON ends, the input's `binary_data_size` parameter how many bytes it has).
+It decodes to the same `PredictRequest` as the native API, so both go through one batcher.
+
+Request `parameters` (V2 parameters are scalars): `num_samples` (int), `seed` (int),
+`credible_levels` (a string: "0.9,0.95" or "[0.9, 0.95]"), `binary_data_output` (bool:
+every output as binary). Triton's `priority` and `timeout` are accepted and have no effect.
+
+Outputs are the predictive summaries, each a tensor over the request's rows; float outputs
+are FP64 (the summaries are computed in float64), `lower` / `upper` are [B, L, outputs], one
+row per credible level in the order the response's `credible_levels` parameter lists them.
+Errors are `{"error": "..."}`; a request the native API answers 422 is a 400 here, as V2
+has it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from service.errors import ApiError, Location, Problem, problems_message
+from service.gateway import Reply
+from service.protocol import (
+    DEFAULT_LEVELS,
+    LARGEST,
+    MAX_LEVELS,
+    MAX_PROBLEMS,
+    MAX_SEED,
+    NUMBERS,
+    NUMPY_DTYPES,
+    PredictRequest,
+    describe,
+    load_json,
+)
+from service.registry import ModelSpec
+from training.calibration import method_name
+from training.summaries import Summary
+
+INPUT = "input"
+TOP_LEVEL = ("id", "parameters", "inputs", "outputs")
+PARAMETERS = ("num_samples", "seed", "credible_levels", "binary_data_output")
+IGNORED_PARAMETERS = frozenset({"priority", "timeout"})  # Triton's; no meaning here
+INPUT_TYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+MODEL_TYPES = {np.float32: "FP32", np.float64: "FP64"}
+FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
+CLASS_FIELDS = ("confidence", "entropy", "expected_entropy", "mutual_information")
+HEADER_LENGTH = b"inference-header-content-length"
+WIRE_TYPES = {"FP64": "<f8", "INT64": "<i8"}
+
+
+def output_tensors(spec: ModelSpec) -> dict[str, tuple[str, list[int]]]:
+    """Each output's (datatype, shape) with -1 for the rows (and the credible levels)."""
+    k = spec.num_outputs
+    bounds = {"lower": ("FP64", [-1, -1, k]), "upper": ("FP64", [-1, -1, k])}
+    if spec.task == "regression":
+        return {**{name: ("FP64", [-1, k]) for name in FIELDS}, **bounds}
+    return {
+        "probabilities": ("FP64", [-1, k]),
+        "predicted_class": ("INT64", [-1]),
+        "predicted_label": ("BYTES", [-1]),
+        **{name: ("FP64", [-1]) for name in CLASS_FIELDS},
+        **bounds,
+    }
+
+
+def model_metadata(spec: ModelSpec, versions: Sequence[int]) -> dict:
+    datatype = MODEL_TYPES[NUMPY_DTYPES[spec.dtype]]
+    return {
+        "name": spec.name,
+        "versions": [str(v) for v in versions],
+        "platform": f"credence_{spec.method}",
+        "inputs": [{"name": INPUT, "datatype": datatype, "shape": [-1, *spec.input_shape]}],
+        "outputs": [
+            {"name": name, "datatype": datatype, "shape": shape}
+            for name, (datatype, shape) in output_tensors(spec).items()
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded infer request: the protocol-neutral request and how to answer it."""
+
+    request: PredictRequest
+    id: str | None
+    outputs: tuple[tuple[str, bool], ...]  # (name, as binary)
+
+
+def error_reply(error: ApiError) -> tuple[int, bytes, Mapping[str, str]]:
+    """V2's error body; a 422 (the native API's invalid request) is V2's 400."""
+    status = 400 if error.status == 422 else error.status
+    return status, orjson.dumps({"error": problems_message(error.problems)}), error.headers
+
+
+def bad(message: str, location: Location = ()) -> ApiError:
+    return ApiError.single(400, "invalid_request", message, location)
+
+
+def header_length(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    for key, value in headers:
+        if key == HEADER_LENGTH:
+            return value
+    return None
+
+
+def split_body(body: bytes, length: bytes | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary data after it."""
+    if length is None:
+        return body, memoryview(b"")
+    text = length.decode("latin-1").strip()
+    if not text.isdigit() or int(text) > len(body):
+        raise bad(
+            f"Inference-Header-Content-Length must be an integer from 0 to the body's "
+            f"{len(body)} bytes, got {text[:40]!r}"
+        )
+    n = int(text)
+    return body[:n], memoryview(body)[n:]
+
+
+def decode(body: bytes, length: bytes | None, spec: ModelSpec, max_instances: int) -> InferRequest:
+    """Validate an infer body against `spec`; raises ApiError (400) saying what is wrong."""
+    header, binary = split_body(body, length)
+    data = load_json(header)
+    if not isinstance(data, dict):
+        raise bad(f"the body must be a JSON object with {list(TOP_LEVEL)}, got {describe(data)}")
+    problems = [
+        Problem("unknown_field", f"unknown field {key!r}; a request has {list(TOP_LEVEL)}", (key,))
+        for key in data
+        if key not in TOP_LEVEL
+    ]
+    request_id = data.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        problems.append(Problem("wrong_type", f"id must be a string, got {describe(request_id)}"))
+    num_samples, levels, seed, binary_out = _parameters(data.get("parameters"), spec, problems)
+    x = _input(data.get("inputs"), binary, spec, max_instances, problems)
+    outputs = _outputs(data.get("outputs"), spec, binary_out, problems)
+    if problems or x is None:
+        raise ApiError(400, problems[:MAX_PROBLEMS])
+    request = PredictRequest(x, spec.draws(num_samples), levels, seed)
+    return InferRequest(request, request_id, outputs)
+
+
+def _parameters(
+    value: object, spec: ModelSpec, problems: list[Problem]
+) -> tuple[int, tuple[float, ...], int | None, bool]:
+    num_samples, levels, seed, binary = spec.default_num_samples, DEFAULT_LEVELS, None, False
+    if value is None:
+        return num_samples, levels, seed, binary
+    if not isinstance(value, dict):
+        problems.append(
+            Problem("wrong_type", f"parameters must be an object, got {describe(value)}")
+        )
+        return num_samples, levels, seed, binary
+    for key, item in value.items():
+        at = ("parameters", key)
+        if key == "num_samples":
+            if type(item) is int and 1 <= item <= spec.max_num_samples:
+                num_samples = item
+            else:
+                message = f"an integer from 1 to {spec.max_num_samples} for this model"
+                problems.append(Problem("wrong_type", f"num_samples must be {message}", at))
+        elif key == "seed":
+            if type(item) is int and 0 <= item <= MAX_SEED:
+                seed = item
+            elif item is not None:
+                message = f"seed must be an integer from 0 to {MAX_SEED}, got {describe(item)}"
+                problems.append(Problem("wrong_type", message, at))
+        elif key == "credible_levels":
+            levels = parse_levels(item, problems) or levels
+        elif key == "binary_data_output":
+            if type(item) is bool:
+                binary = item
+            else:
+                message = f"binary_data_output must be a boolean, got {describe(item)}"
+                problems.append(Problem("wrong_type", message, at))
+        elif key not in IGNORED_PARAMETERS:
+            message = f"unknown parameter {key!r}; allowed: {', '.join(PARAMETERS)}"
+            problems.append(Problem("unknown_parameter", message, at))
+    return num_samples, levels, seed, binary
+
+
+def parse_levels(value: object, problems: list[Problem]) -> tuple[float, ...] | None:
+    """credible_levels as "0.9,0.95" or "[0.9, 0.95]" (a JSON list is taken too)."""
+    items: object = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            items = (
+                json.loads(text) if text.startswith("[") else [float(t) for t in text.split(",")]
+            )
+        except ValueError:
+            items = None
+    ok = (
+        isinstance(items, list)
+        and 1 <= len(items) <= MAX_LEVELS
+        and all(type(level) in NUMBERS and 0 < level < 1 for level in items)
+    )
+    if not ok:
+        message = (
+            f"credible_levels must be 1 to {MAX_LEVELS} numbers strictly between 0 and 1, as a "
+            f'string "0.9,0.95" or "[0.9, 0.95]"; got {describe(value)}'
+        )
+        problems.append(Problem("wrong_type", message, ("parameters", "credible_levels")))
+        return None
+    return tuple(float(level) for level in items)  # type: ignore[union-attr]
+
+
+def _input(
+    value: object,
+    binary: memoryview,
+    spec: ModelSpec,
+    max_instances: int,
+    problems: list[Problem],
+) -> np.ndarray | None:
+    at: Location = ("inputs",)
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+        problems.append(
+            Problem(
+                "wrong_type",
+                f'inputs must hold one tensor named "{INPUT}", got {describe(value)}',
+                at,
+            )
+        )
+        return None
+    tensor: dict = value[0]
+    at = ("inputs", 0)
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    before = len(problems)
+    if name != INPUT:
+        problems.append(
+            Problem(
+                "unknown_input",
+                f'the input is named "{INPUT}", got {describe(name)}',
+                (*at, "name"),
+            )
+        )
+    if datatype not in INPUT_TYPES:
+        message = f"datatype must be one of {list(INPUT_TYPES)}, got {describe(datatype)}"
+        problems.append(Problem("wrong_type", message, (*at, "datatype")))
+    want = [-1, *spec.input_shape]
+    if (
+        not isinstance(shape, list)
+        or len(shape) != len(want)
+        or any(type(d) is not int for d in shape)
+        or list(shape[1:]) != want[1:]
+        or not 1 <= shape[0] <= max_instances
+    ):
+        message = (
+            f"shape must be [B, {', '.join(map(str, spec.input_shape))}] with 1 <= B <= "
+            f"{max_instances}, got {describe(shape) if not isinstance(shape, list) else shape}"
+        )
+        problems.append(Problem("wrong_shape", message, (*at, "shape")))
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        problems.append(
+            Problem("wrong_type", "input parameters must be an object", (*at, "parameters"))
+        )
+        return None
+    size = parameters.get("binary_data_size")
+    unsupported = [k for k in parameters if k != "binary_data_size"]
+    if unsupported:
+        problems.append(
+            Problem(
+                "unknown_parameter",
+                f"unsupported input parameter(s) {unsupported}",
+                (*at, "parameters"),
+            )
+        )
+    if len(problems) > before:
+        return None
+    count = math.prod(shape)
+    if size is None:
+        if len(binary):
+            problems.append(
+                Problem(
+                    "invalid_binary",
+                    f"{len(binary)} bytes follow the JSON header, but the input has no "
+                    "binary_data_size",
+                )
+            )
+            return None
+        flat = _json_data(tensor.get("data"), count, (*at, "data"), problems)
+        if flat is None:
+            return None
+        wide = np.array(flat, dtype=np.float64)
+    else:
+        if "data" in tensor:
+            problems.append(
+                Problem(
+                    "invalid_binary", "an input with binary_data_size has no data", (*at, "data")
+                )
+            )
+            return None
+        expected = count * INPUT_TYPES[datatype].itemsize
+        if type(size) is not int or size != expected or len(binary) != expected:
+            problems.append(
+                Problem(
+                    "invalid_binary",
+                    f"binary_data_size must be {expected} (shape {shape} of {datatype}) and that "
+                    f"many bytes must follow the JSON header; got binary_data_size "
+                    f"{describe(size)} and {len(binary)} bytes",
+                    (*at, "parameters", "binary_data_size"),
+                )
+            )
+            return None
+        wide = np.frombuffer(binary, dtype=INPUT_TYPES[datatype])
+    return _checked(wide, shape, spec, at, problems)
+
+
+def _json_data(value: object, count: int, at: Location, problems: list[Problem]) -> list | None:
+    """The numbers of `data`, flat or nested, row-major."""
+    if not isinstance(value, list):
+        problems.append(
+            Problem("wrong_type", f"data must be a list of numbers, got {describe(value)}", at)
+        )
+        return None
+    flat = value
+    while flat and type(flat[0]) is list:
+        if not all(type(item) is list for item in flat):
+            break
+        flat = [x for item in flat for x in item]
+    if not NUMBERS.issuperset(map(type, flat)):
+        bad_item = next(item for item in flat if type(item) not in NUMBERS)
+        problems.append(
+            Problem("wrong_type", f"data must hold numbers only, got {describe(bad_item)}", at)
+        )
+        return None
+    if len(flat) != count:
+        problems.append(
+            Problem("wrong_shape", f"data holds {len(flat)} numbers; its shape needs {count}", at)
+        )
+        return None
+    return flat
+
+
+def _checked(
+    wide: np.ndarray, shape: list[int], spec: ModelSpec, at: Location, problems: list[Problem]
+) -> np.ndarray | None:
+    """The inputs in the model's dtype; NaN, infinities and values past its range refused."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        fits = bool(np.abs(wide).max() <= LARGEST[spec.dtype])
+    if not fits:
+        index = int(np.flatnonzero(~(np.abs(wide) <= LARGEST[spec.dtype]))[0])
+        message = (
+            f"element {index} of the input ({wide[index].item()!r}) is not a finite number in "
+            f"the range of {spec.dtype}"
+        )
+        problems.append(Problem("non_finite", message, (*at, "data")))
+        return None
+    return wide.astype(NUMPY_DTYPES[spec.dtype]).reshape(shape)
+
+
+def _outputs(
+    value: object, spec: ModelSpec, binary: bool, problems: list[Problem]
+) -> tuple[tuple[str, bool], ...]:
+    known = output_tensors(spec)
+    if value is None:
+        return tuple((name, binary) for name in known)
+    if not isinstance(value, list) or not value:
+        problems.append(
+            Problem(
+                "wrong_type",
+                f"outputs must be a list of output requests, got {describe(value)}",
+                ("outputs",),
+            )
+        )
+        return ()
+    chosen: list[tuple[str, bool]] = []
+    for i, item in enumerate(value):
+        at: Location = ("outputs", i)
+        name = item.get("name") if isinstance(item, dict) else None
+        if name not in known:
+            message = f"unknown output {describe(name)}; this model's outputs are {list(known)}"
+            problems.append(Problem("unknown_output", message, (*at, "name")))
+            continue
+        if any(name == seen for seen, _ in chosen):
+            problems.append(Problem("duplicate_output", f"output {name!r} is asked for twice", at))
+            continue
+        parameters = item.get("parameters") or {}
+        as_binary = parameters.get("binary_data", binary) if isinstance(parameters, dict) else None
+        others = (
+            [k for k in parameters if k != "binary_data"] if isinstance(parameters, dict) else []
+        )
+        if type(as_binary) is not bool or others:
+            message = "output parameters take binary_data (a boolean) only"
+            problems.append(Problem("unknown_parameter", message, (*at, "parameters")))
+            continue
+        chosen.append((name, as_binary))
+    return tuple(chosen)
+
+
+class Columns:
+    """A group's summaries as numpy arrays [B, ...], made once per group; sliced by rows."""
+
+    def __init__(self, spec: ModelSpec, summary: Summary, levels: tuple[float, ...]):
+        arrays = {k: v for k, v in summary.items() if k not in ("lower", "upper")}
+        arrays["lower"] = summary["lower"].transpose(0, 1)  # [L, B, k] -> [B, L, k]
+        arrays["upper"] = summary["upper"].transpose(0, 1)
+        self.arrays = {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
+        self.labels = np.array(spec.output_names, dtype=object)
+
+    def __getitem__(self, rows: slice) -> dict[str, np.ndarray]:
+        part = {k: v[rows] for k, v in self.arrays.items()}
+        if "predicted_class" in part:
+            part["predicted_label"] = self.labels[part["predicted_class"]]
+        return part
+
+
+def columns(spec: ModelSpec, summary: Summary, levels: tuple[float, ...]) -> Columns:
+    return Columns(spec, summary, levels)
+
+
+def render(
+    spec: ModelSpec, infer: InferRequest, seed: int, part: Mapping[str, np.ndarray]
+) -> bytes | Reply:
+    """One request's response: JSON, or JSON then binary tensors when any output is binary."""
+    tensors = output_tensors(spec)
+    parameters: dict[str, object] = {
+        "num_samples": infer.request.num_samples,
+        "seed": seed,
+        "credible_levels": ",".join(map(repr, infer.request.levels)),
+    }
+    calibration = method_name(spec.calibration)
+    if calibration is not None:
+        parameters["calibration"] = calibration
+    outputs, chunks = [], []
+    for name, as_binary in infer.outputs:
+        datatype = tensors[name][0]
+        array = part[name]
+        tensor: dict[str, object] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if as_binary:
+            raw = _binary(array, datatype)
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = array.ravel().tolist()
+        outputs.append(tensor)
+    response: dict[str, object] = {
+        "model_name": spec.name,
+        "model_version": str(spec.version),
+        **({"id": infer.id} if infer.id is not None else {}),
+        "parameters": parameters,
+        "outputs": outputs,
+    }
+    header = orjson.dumps(response)
+    if not chunks:
+        return header
+    return Reply(
+        b"".join([header, *chunks]),
+        {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header)),
+        },
+    )
+
+
+def _binary(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":  # each element: its length as 4 little-endian bytes, then it
+        encoded = [str(item).encode() for item in array.ravel()]
+        return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+    return np.ascontiguousarray(array, dtype=WIRE_TYPES[datatype]).tobytes()
