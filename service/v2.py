@@ -292,7 +292,11 @@ def _input(
         flat = _json_data(tensor.get("data"), count, (*at, "data"), problems)
         if flat is None:
             return None
-        wide = np.array(flat, dtype=np.float64)
+        try:
+            wide = np.array(flat, dtype=np.float64)
+        except OverflowError:  # integers past the double range
+            problems.append(Problem("non_finite", "data holds a number too large", (*at, "data")))
+            return None
     else:
         if "data" in tensor:
             problems.append(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 import uvicorn
-from conftest import CLASSES, make_settings
+from conftest import CLASSES, make_settings, metric_value, serve
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
@@ -212,6 +212,19 @@ def infer_body(**changes: object) -> dict:
         (infer_body(tensor={"name": "x"}), 400, 'the input is named "input"'),
         (infer_body(tensor={"data": [0.0, 1.0]}), 400, "data holds 2 numbers; its shape needs 3"),
         (infer_body(tensor={"data": [0.0, True, 1.0]}), 400, "numbers only"),
+        (infer_body(tensor={"data": [0.0, 10**400, 1.0]}), 400, "too large"),
+        (infer_body(tensor={"data": [0.0, 1e39, 1.0]}), 400, "range of torch.float32"),
+        (infer_body(tensor={"data": [[0.0, 1.0], 2.0]}), 400, "numbers only"),
+        (infer_body(id=3), 400, "id must be a string"),
+        (infer_body(parameters={"seed": -1}), 400, "seed must be an integer"),
+        (infer_body(parameters={"binary_data_output": "yes"}), 400, "must be a boolean"),
+        (infer_body(outputs=[{"name": "mean"}, {"name": "mean"}]), 400, "asked for twice"),
+        (
+            infer_body(outputs=[{"name": "mean", "parameters": {"classification": 2}}]),
+            400,
+            "binary_data",
+        ),
+        (infer_body(extra=1), 400, "unknown field 'extra'"),
         (infer_body(outputs=[{"name": "median"}]), 400, 'unknown output the string "median"'),
         (infer_body(parameters={"credible_levels": "0.9,x"}), 400, "credible_levels must be"),
         (infer_body(parameters={"credible_levels": "1.5"}), 400, "credible_levels must be"),
@@ -279,3 +292,35 @@ def test_triton_errors_reach_the_client(client: triton.InferenceServerClient) ->
         client.infer("reg", [tensor(ROWS)], outputs=[triton.InferRequestedOutput("median")])
     with pytest.raises(InferenceServerException, match="shape must be"):
         client.infer("reg", [tensor(CLASS_ROWS)])
+
+
+def test_nan_in_json_data_is_400(http: httpx.Client) -> None:
+    body = (
+        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [0, NaN, 1]}]}'
+    )
+    response = http.post("/v2/models/reg/infer", content=body)
+    assert response.status_code == 400 and "not a finite number" in response.json()["error"]
+
+
+def test_native_and_v2_requests_share_batches(model_dir: Path) -> None:
+    """Requests of both protocols in one batch each get their own protocol's answer."""
+    with serve(make_settings(model_dir, max_batch_delay_ms=50.0)) as app:
+        calls = []
+        for seed in range(6):
+            row = ROWS[seed % 2].tolist()
+            native_body = {"instances": [row], "parameters": {"seed": seed}}
+            v2_body = infer_body(tensor={"data": row}, parameters={"seed": seed})
+            calls += [("/v1/models/reg:predict", native_body), ("/v2/models/reg/infer", v2_body)]
+        responses = app.gather(*calls)
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        for native_answer, v2_answer in zip(responses[::2], responses[1::2], strict=True):
+            (mean,) = [o for o in v2_answer.json()["outputs"] if o["name"] == "mean"]
+            expected = native_answer.json()["predictions"][0]["mean"]
+            np.testing.assert_allclose(mean["data"], expected, rtol=1e-6)
+        metrics = app.get("/metrics").text
+        assert metric_value(metrics, "credence_batch_requests_count", model="reg", version="1") < 12
+        errors = app.post("/v2/models/reg/infer", json={"inputs": []})
+        assert errors.status_code == 400
+        metrics = app.get("/metrics").text
+        labels = {"model": "reg", "version": "1", "code": "400"}
+        assert metric_value(metrics, "credence_requests_total", **labels) == 1
