@@ -10,6 +10,8 @@ For each workload, one server at a time on 127.0.0.1, each in its own subprocess
 
     credence  .venv/bin/credence-serve --model-dir DIR --port P --device D --log-level warning
     credence-bf16  the same with --precision bfloat16 (large workload only)
+    credence-v2  the same server, sent the same requests as Open Inference Protocol (V2)
+              JSON infer bodies on /v2/models/{name}/infer (small workload only)
     ceiling   bare FastAPI + uvicorn (uvloop, httptools, no access log), same route, parses
               the JSON body and returns a precomputed body captured from Credence (no model)
     floor     the ceiling as a plain ASGI app on the same uvicorn, without FastAPI
@@ -28,11 +30,13 @@ bfloat16) of the large model's big layer ([2048, 1024] x [1024, 1024]) to report
 workload's model FLOP rate as a fraction of what this machine's matmul reaches.
 
     .venv/bin/python benchmarks/serve.py [--quick] [--workload small|large|both] [--device D]
+        [--servers credence,credence-v2,...] [--out DIR]
 
 D is where Credence and the naive server compute and the matmul rate is timed: cpu (the
 default, and what the targets are for), or cuda on a machine with a GPU.
 
-Prints markdown tables and writes docs/results/serving.md and docs/results/serving.json.
+Prints markdown tables and writes serving.md and serving.json to --out (docs/results/ by
+default; a run of some --servers only is best written elsewhere).
 The same file is also the ceiling/floor/naive server (`--serve ceiling|floor|naive --workload
 W --port P --model-dir DIR`) and the load generator (`--loadgen --workload W --port P
 --concurrency C ...`, or `--rate R` for the open loop).
@@ -69,8 +73,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
-SERVERS = ("credence", "credence-bf16", "ceiling", "floor", "naive")
+SERVERS = ("credence", "credence-v2", "credence-bf16", "ceiling", "floor", "naive")
 BF16 = "credence-bf16"  # compute-bound workloads only: --precision bfloat16
+V2 = "credence-v2"  # request-bound workloads only: the V2 protocol's cost per request
+PROTOCOLS = ("native", "v2")
 START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 OPEN_LOOP_LOAD = 0.7  # open-loop rate as a fraction of Credence's best closed-loop rate
@@ -115,6 +121,9 @@ class Workload:
     @property
     def route(self) -> str:
         return f"/v1/models/{self.name}:predict"
+
+    def route_for(self, protocol: str) -> str:
+        return self.route if protocol == "native" else f"/v2/models/{self.name}/infer"
 
     @property
     def classifier(self) -> bool:
@@ -386,7 +395,7 @@ def serve(kind: str, workload: Workload, port: int, model_dir: Path, device: str
 def server_command(
     kind: str, workload: Workload, port: int, model_dir: Path, device: str = "cpu"
 ) -> list[str]:
-    if kind in ("credence", BF16):
+    if kind in ("credence", V2, BF16):
         exe = str(Path(sys.executable).with_name("credence-serve"))
         args = ["--model-dir", str(model_dir), "--host", HOST, "--port", str(port)]
         args += ["--device", device, *(["--precision", "bfloat16"] if kind == BF16 else [])]
@@ -430,24 +439,32 @@ def free_port() -> int:
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-def request_bytes(workload: Workload, port: int, body: bytes) -> bytes:
+def request_bytes(workload: Workload, port: int, body: bytes, protocol: str = "native") -> bytes:
     head = (
-        f"POST {workload.route} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        f"POST {workload.route_for(protocol)} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
-def make_body(workload: Workload, rng: random.Random) -> bytes:
+def make_body(workload: Workload, rng: random.Random, protocol: str = "native") -> bytes:
+    """One instance; as V2, the same numbers in a JSON infer body (what tritonclient sends
+    with binary_data=False)."""
     x = [round(rng.gauss(0.0, 1.0), 6) for _ in range(workload.in_features)]
     parameters = {"num_samples": workload.num_samples}
-    return json.dumps({"instances": [x], "parameters": parameters}).encode()
+    if protocol == "native":
+        return json.dumps({"instances": [x], "parameters": parameters}).encode()
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, len(x)], "data": x}
+    return json.dumps({"inputs": [tensor], "parameters": parameters}).encode()
 
 
-def make_payloads(workload: Workload, port: int) -> list[bytes]:
+def make_payloads(workload: Workload, port: int, protocol: str = "native") -> list[bytes]:
     """256 distinct requests, built before the clock starts so the client stays cheap."""
     rng = random.Random(0)
-    return [request_bytes(workload, port, make_body(workload, rng)) for _ in range(256)]
+    return [
+        request_bytes(workload, port, make_body(workload, rng, protocol), protocol)
+        for _ in range(256)
+    ]
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -513,10 +530,15 @@ async def worker(
 
 
 async def drive(
-    workload: Workload, port: int, concurrency: int, warmup_s: float, duration_s: float
+    workload: Workload,
+    port: int,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    protocol: str = "native",
 ) -> dict[str, Any]:
     """Closed loop: `concurrency` requests always in flight, each on its own connection."""
-    payloads = make_payloads(workload, port)
+    payloads = make_payloads(workload, port, protocol)
     latencies: list[float] = []
     errors: list[float] = []
     late: list[float] = []
@@ -693,9 +715,10 @@ def run_loadgen(
     duration_s: float,
     concurrency: int = 1,
     rate: float | None = None,
+    protocol: str = "native",
 ) -> dict[str, Any]:
     """One load-generator run in a process of its own, so it does not share the GIL."""
-    args = ["--workload", workload.name, "--port", str(port)]
+    args = ["--workload", workload.name, "--port", str(port), "--protocol", protocol]
     args += ["--warmup", str(warmup_s), "--duration", str(duration_s)]
     args += ["--concurrency", str(concurrency)] if rate is None else ["--rate", str(rate)]
     cmd = [sys.executable, __file__, "--loadgen", *args]
@@ -728,6 +751,8 @@ def add_flop_rates(
 
 
 def table(workload: Workload, results: dict[str, list[dict]]) -> str:
+    """Every run, then Credence's req/s and p50 against the ceiling's and the naive server's
+    (and its V2 protocol's req/s against its native one's, where both ran)."""
     flops = workload.report_flops
     head = (
         "| server | concurrency | req/s | p50 ms | p99 ms | errors | late: n, max ms "
@@ -753,11 +778,13 @@ def table(workload: Workload, results: dict[str, list[dict]]) -> str:
                     f"| {'-' if share is None else f'{share:.1%}'} |"
                 )
             rows.append(row)
+    v2 = bool(results.get(V2))
     rows += [
         "",
         "| concurrency | req/s credence/ceiling | req/s credence/naive "
-        "| p50 credence/ceiling | p50 credence/naive |",
-        "|---:|---:|---:|---:|---:|",
+        "| p50 credence/ceiling | p50 credence/naive |"
+        + (" req/s credence-v2/credence |" if v2 else ""),
+        "|---:|---:|---:|---:|---:|" + ("---:|" if v2 else ""),
     ]
     by = {s: {r["concurrency"]: r for r in results.get(s, [])} for s in SERVERS}
     for c in sorted(by["credence"]):
@@ -765,6 +792,7 @@ def table(workload: Workload, results: dict[str, list[dict]]) -> str:
         rows.append(
             f"| {c} | {ratio(cr['rps'], ce.get('rps'))} | {ratio(cr['rps'], na.get('rps'))} "
             f"| {ratio(cr['p50_ms'], ce.get('p50_ms'))} | {ratio(cr['p50_ms'], na.get('p50_ms'))} |"
+            + (f" {ratio(by[V2].get(c, {}).get('rps'), cr['rps'])} |" if v2 else "")
         )
     return "\n".join(rows)
 
@@ -803,6 +831,7 @@ def run_workload(
     warmup_s: float,
     duration_s: float,
     device: str = "cpu",
+    servers: tuple[str, ...] = SERVERS,
 ) -> dict[str, Any]:
     """Every server on one workload; Credence and the ceiling also get the open-loop runs."""
     results: dict[str, list[dict]] = {}
@@ -810,9 +839,12 @@ def run_workload(
     with tempfile.TemporaryDirectory(prefix=f"credence-bench-{workload.name}-") as tmp:
         model_dir = Path(tmp)
         build_checkpoint(workload, model_dir)
-        for server in SERVERS:
-            if server == BF16 and not workload.report_flops:
+        for server in servers:
+            if (server == BF16 and not workload.report_flops) or (
+                server == V2 and workload.report_flops
+            ):
                 continue
+            protocol = "v2" if server == V2 else "native"
             port = free_port()
             proc = subprocess.Popen(
                 server_command(server, workload, port, model_dir, device),
@@ -831,14 +863,14 @@ def run_workload(
                 results[server] = []
                 for c in concurrencies:
                     cpu_before = process_cpu_s(proc.pid)
-                    r = run_loadgen(workload, port, warmup_s, duration_s, concurrency=c)
+                    r = run_loadgen(workload, port, warmup_s, duration_s, c, protocol=protocol)
                     cpu_after = process_cpu_s(proc.pid)
                     if cpu_before is not None and cpu_after is not None and r["rps"] > 0:
                         served = r["rps"] * (warmup_s + duration_s)  # steady rate, warm-up too
                         r["server_cpu_ms_per_request"] = (cpu_after - cpu_before) * 1e3 / served
                     results[server].append(r)
                     print(
-                        f"{workload.name:5s} {server:9s} c={c:4d} {r['rps']:8.1f} req/s "
+                        f"{workload.name:5s} {server:11s} c={c:4d} {r['rps']:8.1f} req/s "
                         f"p50 {fmt(r['p50_ms'], 2)} ms p99 {fmt(r['p99_ms'], 2)} ms "
                         f"errors {r['errors']}",
                         flush=True,
@@ -930,7 +962,7 @@ def main_bench(args: argparse.Namespace) -> None:
             )
     sections: dict[str, dict[str, Any]] = {}
     for w in workloads:
-        data = run_workload(w, concurrencies, warmup_s, duration_s, args.device)
+        data = run_workload(w, concurrencies, warmup_s, duration_s, args.device, args.servers)
         if w.report_flops and matmul:
             add_flop_rates(w, data["results"], matmul)
         data["settings"] = {
@@ -952,6 +984,8 @@ def main_bench(args: argparse.Namespace) -> None:
         command += f" --workload {args.workload}"
     if args.device != "cpu":
         command += f" --device {args.device}"
+    if args.servers != SERVERS:
+        command += f" --servers {','.join(args.servers)}"
     machine = machine_record()
     settings = {
         "warmup_s": warmup_s,
@@ -964,7 +998,7 @@ def main_bench(args: argparse.Namespace) -> None:
         "device": args.device,
         "wall_s": round(elapsed, 1),
     }
-    out = ROOT / "docs" / "results"
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "command": command,
@@ -998,6 +1032,9 @@ in its own process, with a checkpoint dir holding only that workload's model:
   computed one at a time on the event loop's thread, the large one's one per core in a
   worker process each, one torch thread per batch; the server's CPU time includes its
   worker processes').
+- **credence-v2** (small workload only): the same server, sent the same requests as Open
+  Inference Protocol (V2) JSON infer bodies (`/v2/models/{{name}}/infer`, one FP32 `input`
+  tensor): what V2's codec costs against the native one's.
 - **credence-bf16** (large workload only): the same with `--precision bfloat16`.
 - **ceiling**: bare FastAPI + uvicorn (uvloop, httptools, access log off) on the same
   route; parses the JSON body and returns a body captured from Credence for that workload.
@@ -1035,7 +1072,7 @@ server, apart from the client on the same cores.
 
 {md}
 
-Raw numbers: `docs/results/serving.json`.
+Raw numbers: `serving.json` beside this file.
 """
     )
 
@@ -1046,6 +1083,16 @@ def main() -> None:
     parser.add_argument("--workload", choices=(*WORKLOADS, "both"), default="both")
     parser.add_argument("--serve", choices=("ceiling", "floor", "naive"), help="run a server")
     parser.add_argument("--loadgen", action="store_true", help="run the load generator")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="native", help="loadgen bodies")
+    parser.add_argument(
+        "--servers",
+        type=lambda text: tuple(text.split(",")),
+        default=SERVERS,
+        help=f"comma-separated subset of {','.join(SERVERS)} (default: all)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "docs" / "results", help="where the report goes"
+    )
     parser.add_argument("--port", type=int)
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--concurrency", type=int, default=1)
@@ -1059,6 +1106,9 @@ def main() -> None:
         "(default; the targets are for the CPU), cuda or cuda:<i>",
     )
     args = parser.parse_args()
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown:
+        parser.error(f"unknown --servers {sorted(unknown)}; choose from {', '.join(SERVERS)}")
     if args.serve or args.loadgen:
         if args.workload == "both":
             parser.error("--serve and --loadgen need --workload small|large")
@@ -1076,7 +1126,9 @@ def main() -> None:
         if args.rate is not None:
             job = drive_open(workload, args.port, args.rate, args.warmup, args.duration)
         else:
-            job = drive(workload, args.port, args.concurrency, args.warmup, args.duration)
+            job = drive(
+                workload, args.port, args.concurrency, args.warmup, args.duration, args.protocol
+            )
         print(json.dumps(uvloop.run(job)))
     else:
         main_bench(args)

@@ -24,6 +24,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import orjson
@@ -48,6 +49,8 @@ from training.summaries import Summary
 
 INPUT = "input"
 TOP_LEVEL = ("id", "parameters", "inputs", "outputs")
+TOP_LEVEL_SET = frozenset(TOP_LEVEL)
+NO_BYTES = memoryview(b"")
 PARAMETERS = ("num_samples", "seed", "credible_levels", "binary_data_output")
 IGNORED_PARAMETERS = frozenset({"priority", "timeout"})  # Triton's; no meaning here
 INPUT_TYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
@@ -60,9 +63,13 @@ WIRE_TYPES = {"FP64": "<f8", "INT64": "<i8"}
 
 def output_tensors(spec: ModelSpec) -> dict[str, tuple[str, list[int]]]:
     """Each output's (datatype, shape) with -1 for the rows (and the credible levels)."""
-    k = spec.num_outputs
+    return _output_tensors(spec.task, spec.num_outputs)
+
+
+@cache
+def _output_tensors(task: str, k: int) -> dict[str, tuple[str, list[int]]]:
     bounds = {"lower": ("FP64", [-1, -1, k]), "upper": ("FP64", [-1, -1, k])}
-    if spec.task == "regression":
+    if task == "regression":
         return {**{name: ("FP64", [-1, k]) for name in FIELDS}, **bounds}
     return {
         "probabilities": ("FP64", [-1, k]),
@@ -116,7 +123,7 @@ def header_length(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
 def split_body(body: bytes, length: bytes | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary data after it."""
     if length is None:
-        return body, memoryview(b"")
+        return body, NO_BYTES
     text = length.decode("latin-1").strip()
     if not text.isdigit() or int(text) > len(body):
         raise bad(
@@ -133,11 +140,13 @@ def decode(body: bytes, length: bytes | None, spec: ModelSpec, max_instances: in
     data = load_json(header)
     if not isinstance(data, dict):
         raise bad(f"the body must be a JSON object with {list(TOP_LEVEL)}, got {describe(data)}")
-    problems = [
-        Problem("unknown_field", f"unknown field {key!r}; a request has {list(TOP_LEVEL)}", (key,))
-        for key in data
-        if key not in TOP_LEVEL
-    ]
+    problems = []
+    if not TOP_LEVEL_SET.issuperset(data):
+        problems += [
+            Problem("unknown_field", f"unknown field {k!r}; a request has {list(TOP_LEVEL)}", (k,))
+            for k in data
+            if k not in TOP_LEVEL
+        ]
     request_id = data.get("id")
     if request_id is not None and not isinstance(request_id, str):
         problems.append(Problem("wrong_type", f"id must be a string, got {describe(request_id)}"))
@@ -247,12 +256,11 @@ def _input(
     if datatype not in INPUT_TYPES:
         message = f"datatype must be one of {list(INPUT_TYPES)}, got {describe(datatype)}"
         problems.append(Problem("wrong_type", message, (*at, "datatype")))
-    want = [-1, *spec.input_shape]
     if (
-        not isinstance(shape, list)
-        or len(shape) != len(want)
-        or any(type(d) is not int for d in shape)
-        or list(shape[1:]) != want[1:]
+        type(shape) is not list
+        or len(shape) != len(spec.input_shape) + 1
+        or set(map(type, shape)) != {int}
+        or tuple(shape[1:]) != spec.input_shape
         or not 1 <= shape[0] <= max_instances
     ):
         message = (
@@ -351,9 +359,8 @@ def _checked(
     wide: np.ndarray, shape: list[int], spec: ModelSpec, at: Location, problems: list[Problem]
 ) -> np.ndarray | None:
     """The inputs in the model's dtype; NaN, infinities and values past its range refused."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        fits = bool(np.abs(wide).max() <= LARGEST[spec.dtype])
-    if not fits:
+    # all finite and in range (NaN compares false), checked in one pass
+    if not np.abs(wide).max() <= LARGEST[spec.dtype]:
         index = int(np.flatnonzero(~(np.abs(wide) <= LARGEST[spec.dtype]))[0])
         message = (
             f"element {index} of the input ({wide[index].item()!r}) is not a finite number in "
@@ -369,7 +376,7 @@ def _outputs(
 ) -> tuple[tuple[str, bool], ...]:
     known = output_tensors(spec)
     if value is None:
-        return tuple((name, binary) for name in known)
+        return _every_output(spec.task, spec.num_outputs, binary)
     if not isinstance(value, list) or not value:
         problems.append(
             Problem(
@@ -403,69 +410,126 @@ def _outputs(
     return tuple(chosen)
 
 
+@cache
+def _every_output(task: str, k: int, binary: bool) -> tuple[tuple[str, bool], ...]:
+    return tuple((name, binary) for name in _output_tensors(task, k))
+
+
 class Columns:
-    """A group's summaries as numpy arrays [B, ...], made once per group; sliced by rows."""
+    """A group's summaries, made once per group: numpy arrays [B, ...] for binary outputs
+    and, for JSON ones, each row's flat list of numbers (one `tolist` per field per group,
+    made when a request first asks for the field). Sliced by rows, it gives a `Part`."""
 
     def __init__(self, spec: ModelSpec, summary: Summary, levels: tuple[float, ...]):
-        arrays = {k: v for k, v in summary.items() if k not in ("lower", "upper")}
-        arrays["lower"] = summary["lower"].transpose(0, 1)  # [L, B, k] -> [B, L, k]
-        arrays["upper"] = summary["upper"].transpose(0, 1)
-        self.arrays = {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
-        self.labels = np.array(spec.output_names, dtype=object)
+        tensors = {k: v for k, v in summary.items() if k not in ("lower", "upper")}
+        tensors["lower"] = summary["lower"].transpose(0, 1)  # [L, B, k] -> [B, L, k]
+        tensors["upper"] = summary["upper"].transpose(0, 1)
+        self.arrays = {k: np.ascontiguousarray(v.numpy()) for k, v in tensors.items()}
+        if "predicted_class" in self.arrays:
+            labels = np.array(spec.output_names, dtype=object)
+            self.arrays["predicted_label"] = labels[self.arrays["predicted_class"]]
+        self.lists: dict[str, list[list]] = {}
+        self.json_only: dict[tuple[tuple[str, bool], ...], list[tuple]] = {}
+        self.tensors = output_tensors(spec)
+        self.parameters: dict[str, object] = {
+            "credible_levels": ",".join(map(repr, levels)),
+            **({"calibration": name} if (name := method_name(spec.calibration)) else {}),
+        }
 
-    def __getitem__(self, rows: slice) -> dict[str, np.ndarray]:
-        part = {k: v[rows] for k, v in self.arrays.items()}
-        if "predicted_class" in part:
-            part["predicted_label"] = self.labels[part["predicted_class"]]
-        return part
+    def rows(self, name: str) -> list[list]:
+        found = self.lists.get(name)
+        if found is None:
+            array = self.arrays[name]
+            found = self.lists[name] = array.reshape(len(array), -1).tolist()
+        return found
+
+    def one_row_json(self, outputs: tuple[tuple[str, bool], ...]) -> list[tuple]:
+        """(name, datatype, shape, rows) of each output, for one-row requests that ask for
+        them all as JSON: the common request, answered without a branch per output."""
+        found = self.json_only.get(outputs)
+        if found is None:
+            found = self.json_only[outputs] = [
+                (name, self.tensors[name][0], [1, *self.arrays[name].shape[1:]], self.rows(name))
+                for name, _ in outputs
+            ]
+        return found
+
+    def __getitem__(self, rows: slice) -> Part:
+        return Part(self, rows.start, rows.stop)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One request's rows [start, stop) of its group's Columns."""
+
+    columns: Columns
+    start: int
+    stop: int
+
+    def data(self, name: str) -> list:
+        """Output `name`'s numbers over these rows, flat and row-major."""
+        rows = self.columns.rows(name)
+        if self.stop - self.start == 1:
+            return rows[self.start]
+        return [x for row in rows[self.start : self.stop] for x in row]
 
 
 def columns(spec: ModelSpec, summary: Summary, levels: tuple[float, ...]) -> Columns:
     return Columns(spec, summary, levels)
 
 
-def render(
-    spec: ModelSpec, infer: InferRequest, seed: int, part: Mapping[str, np.ndarray]
-) -> bytes | Reply:
+def render(spec: ModelSpec, infer: InferRequest, seed: int, part: Part) -> bytes | Reply:
     """One request's response: JSON, or JSON then binary tensors when any output is binary."""
-    tensors = output_tensors(spec)
-    parameters: dict[str, object] = {
-        "num_samples": infer.request.num_samples,
-        "seed": seed,
-        "credible_levels": ",".join(map(repr, infer.request.levels)),
-    }
-    calibration = method_name(spec.calibration)
-    if calibration is not None:
-        parameters["calibration"] = calibration
-    outputs, chunks = [], []
-    for name, as_binary in infer.outputs:
-        datatype = tensors[name][0]
-        array = part[name]
-        tensor: dict[str, object] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if as_binary:
-            raw = _binary(array, datatype)
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            tensor["data"] = array.ravel().tolist()
-        outputs.append(tensor)
+    group = part.columns
+    outputs: list[dict[str, object]] = []
+    chunks: list[bytes] = []
+    if part.stop - part.start == 1 and not any(binary for _, binary in infer.outputs):
+        i = part.start
+        outputs = [
+            {"name": name, "datatype": datatype, "shape": shape, "data": rows[i]}
+            for name, datatype, shape, rows in group.one_row_json(infer.outputs)
+        ]
+    else:
+        _tensors(group, part, infer.outputs, outputs, chunks)
     response: dict[str, object] = {
         "model_name": spec.name,
         "model_version": str(spec.version),
-        **({"id": infer.id} if infer.id is not None else {}),
-        "parameters": parameters,
+        "parameters": {"num_samples": infer.request.num_samples, "seed": seed, **group.parameters},
         "outputs": outputs,
     }
+    if infer.id is not None:
+        response["id"] = infer.id
     header = orjson.dumps(response)
     if not chunks:
         return header
-    return Reply(
-        b"".join([header, *chunks]),
-        {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(len(header)),
-        },
-    )
+    length = str(len(header))
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": length,
+    }
+    return Reply(b"".join([header, *chunks]), headers)
+
+
+def _tensors(
+    group: Columns,
+    part: Part,
+    chosen: tuple[tuple[str, bool], ...],
+    outputs: list[dict[str, object]],
+    chunks: list[bytes],
+) -> None:
+    """The output tensors of `part`, binary ones' bytes appended to `chunks` in order."""
+    for name, as_binary in chosen:
+        datatype = group.tensors[name][0]
+        array = group.arrays[name]
+        shape = [part.stop - part.start, *array.shape[1:]]
+        tensor: dict[str, object] = {"name": name, "datatype": datatype, "shape": shape}
+        if as_binary:
+            raw = _binary(array[part.start : part.stop], datatype)
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = part.data(name)
+        outputs.append(tensor)
 
 
 def _binary(array: np.ndarray, datatype: str) -> bytes:
