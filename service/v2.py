@@ -51,6 +51,7 @@ INPUT = "input"
 TOP_LEVEL = ("id", "parameters", "inputs", "outputs")
 TOP_LEVEL_SET = frozenset(TOP_LEVEL)
 NO_BYTES = memoryview(b"")
+DATA: Location = ("inputs", 0, "data")
 PARAMETERS = ("num_samples", "seed", "credible_levels", "binary_data_output")
 IGNORED_PARAMETERS = frozenset({"priority", "timeout"})  # Triton's; no meaning here
 INPUT_TYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
@@ -268,22 +269,24 @@ def _input(
             f"{max_instances}, got {describe(shape) if not isinstance(shape, list) else shape}"
         )
         problems.append(Problem("wrong_shape", message, (*at, "shape")))
-    parameters = tensor.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        problems.append(
-            Problem("wrong_type", "input parameters must be an object", (*at, "parameters"))
-        )
-        return None
-    size = parameters.get("binary_data_size")
-    unsupported = [k for k in parameters if k != "binary_data_size"]
-    if unsupported:
-        problems.append(
-            Problem(
-                "unknown_parameter",
-                f"unsupported input parameter(s) {unsupported}",
-                (*at, "parameters"),
+    parameters = tensor.get("parameters")
+    size = None
+    if parameters is not None:
+        if not isinstance(parameters, dict):
+            problems.append(
+                Problem("wrong_type", "input parameters must be an object", (*at, "parameters"))
             )
-        )
+            return None
+        size = parameters.get("binary_data_size")
+        unsupported = [k for k in parameters if k != "binary_data_size"]
+        if unsupported:
+            problems.append(
+                Problem(
+                    "unknown_parameter",
+                    f"unsupported input parameter(s) {unsupported}",
+                    (*at, "parameters"),
+                )
+            )
     if len(problems) > before:
         return None
     count = math.prod(shape)
@@ -297,13 +300,13 @@ def _input(
                 )
             )
             return None
-        flat = _json_data(tensor.get("data"), count, (*at, "data"), problems)
+        flat = _json_data(tensor.get("data"), count, problems)
         if flat is None:
             return None
         try:
             wide = np.array(flat, dtype=np.float64)
         except OverflowError:  # integers past the double range
-            problems.append(Problem("non_finite", "data holds a number too large", (*at, "data")))
+            problems.append(Problem("non_finite", "data holds a number too large", DATA))
             return None
     else:
         if "data" in tensor:
@@ -326,11 +329,12 @@ def _input(
             )
             return None
         wide = np.frombuffer(binary, dtype=INPUT_TYPES[datatype])
-    return _checked(wide, shape, spec, at, problems)
+    return _checked(wide, shape, spec, problems)
 
 
-def _json_data(value: object, count: int, at: Location, problems: list[Problem]) -> list | None:
+def _json_data(value: object, count: int, problems: list[Problem]) -> list | None:
     """The numbers of `data`, flat or nested, row-major."""
+    at = DATA
     if not isinstance(value, list):
         problems.append(
             Problem("wrong_type", f"data must be a list of numbers, got {describe(value)}", at)
@@ -356,7 +360,7 @@ def _json_data(value: object, count: int, at: Location, problems: list[Problem])
 
 
 def _checked(
-    wide: np.ndarray, shape: list[int], spec: ModelSpec, at: Location, problems: list[Problem]
+    wide: np.ndarray, shape: list[int], spec: ModelSpec, problems: list[Problem]
 ) -> np.ndarray | None:
     """The inputs in the model's dtype; NaN, infinities and values past its range refused."""
     # all finite and in range (NaN compares false), checked in one pass
@@ -366,7 +370,7 @@ def _checked(
             f"element {index} of the input ({wide[index].item()!r}) is not a finite number in "
             f"the range of {spec.dtype}"
         )
-        problems.append(Problem("non_finite", message, (*at, "data")))
+        problems.append(Problem("non_finite", message, DATA))
         return None
     return wide.astype(NUMPY_DTYPES[spec.dtype]).reshape(shape)
 
