@@ -59,6 +59,7 @@ MODEL_TYPES = {np.float32: "FP32", np.float64: "FP64"}
 FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
 CLASS_FIELDS = ("confidence", "entropy", "expected_entropy", "mutual_information")
 HEADER_LENGTH = b"inference-header-content-length"
+CONTENT_ENCODING = b"content-encoding"
 WIRE_TYPES = {"FP64": "<f8", "INT64": "<i8"}
 
 
@@ -115,10 +116,16 @@ def bad(message: str, location: Location = ()) -> ApiError:
 
 
 def header_length(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    """The Inference-Header-Content-Length header, if any. A compressed body (tritonclient's
+    request_compression_algorithm) is refused by name rather than misread as bad JSON."""
+    length = None
     for key, value in headers:
         if key == HEADER_LENGTH:
-            return value
-    return None
+            length = value
+        elif key == CONTENT_ENCODING and value.strip().lower() not in (b"", b"identity"):
+            shown = value.decode("latin-1")[:40]
+            raise bad(f"Content-Encoding {shown!r} is not supported: send the body uncompressed")
+    return length
 
 
 def split_body(body: bytes, length: bytes | None) -> tuple[bytes, memoryview]:

@@ -287,6 +287,11 @@ def test_malformed_binary_tensors_are_400(
     assert says in response.json()["error"]
 
 
+def test_a_compressed_body_is_refused_by_name(client: triton.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException, match="Content-Encoding 'gzip' is not supported"):
+        client.infer("reg", [tensor(ROWS)], request_compression_algorithm="gzip")
+
+
 def test_triton_errors_reach_the_client(client: triton.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException, match='unknown output the string "median"'):
         client.infer("reg", [tensor(ROWS)], outputs=[triton.InferRequestedOutput("median")])
