@@ -133,12 +133,12 @@ def split_body(body: bytes, length: bytes | None) -> tuple[bytes, memoryview]:
     if length is None:
         return body, NO_BYTES
     text = length.decode("latin-1").strip()
-    if not text.isdigit() or int(text) > len(body):
+    n = int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else -1
+    if not 0 <= n <= len(body):
         raise bad(
             f"Inference-Header-Content-Length must be an integer from 0 to the body's "
             f"{len(body)} bytes, got {text[:40]!r}"
         )
-    n = int(text)
     return body[:n], memoryview(body)[n:]
 
 

@@ -252,7 +252,9 @@ def test_unknown_models_and_methods(http: httpx.Client) -> None:
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
 
 
-def binary_request(header: dict, data: bytes, length: str | None = None) -> tuple[bytes, dict]:
+def binary_request(
+    header: dict, data: bytes, length: str | bytes | None = None
+) -> tuple[bytes, dict]:
     raw = json.dumps(header).encode()
     return raw + data, {"Inference-Header-Content-Length": length or str(len(raw))}
 
@@ -267,13 +269,16 @@ def binary_request(header: dict, data: bytes, length: str | None = None) -> tupl
             "999999",
             "Inference-Header-Content-Length must be",
         ),
+        (12, np.zeros(3, np.float32).tobytes(), b"\xb2", "Inference-Header-Content-Length must"),
+        (12, np.zeros(3, np.float32).tobytes(), "9" * 5000, "Inference-Header-Content-Length must"),
+        (12, np.zeros(3, np.float32).tobytes(), "-3", "Inference-Header-Content-Length must"),
         (8, np.zeros(3, np.float32).tobytes(), None, "binary_data_size must be 12"),
         (12, np.zeros(2, np.float32).tobytes(), None, "binary_data_size must be 12"),
         (12, np.array([0, np.nan, 1], np.float32).tobytes(), None, "not a finite number"),
     ],
 )
 def test_malformed_binary_tensors_are_400(
-    http: httpx.Client, size: int, data: bytes, length: str | None, says: str
+    http: httpx.Client, size: int, data: bytes, length: str | bytes | None, says: str
 ) -> None:
     tensor = {
         "name": "input",
