@@ -261,7 +261,7 @@ def _input(
                 (*at, "name"),
             )
         )
-    if datatype not in INPUT_TYPES:
+    if type(datatype) is not str or datatype not in INPUT_TYPES:
         message = f"datatype must be one of {list(INPUT_TYPES)}, got {describe(datatype)}"
         problems.append(Problem("wrong_type", message, (*at, "datatype")))
     if (
@@ -401,7 +401,7 @@ def _outputs(
     for i, item in enumerate(value):
         at: Location = ("outputs", i)
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in known:
+        if type(name) is not str or name not in known:
             message = f"unknown output {describe(name)}; this model's outputs are {list(known)}"
             problems.append(Problem("unknown_output", message, (*at, "name")))
             continue

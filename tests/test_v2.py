@@ -208,6 +208,8 @@ def infer_body(**changes: object) -> dict:
     ("body", "status", "says"),
     [
         (infer_body(tensor={"datatype": "INT32"}), 400, "datatype must be one of ['FP32', 'FP64']"),
+        (infer_body(tensor={"datatype": ["FP32"]}), 400, "datatype must be one of"),
+        (infer_body(outputs=[{"name": {"a": 1}}]), 400, "unknown output an object"),
         (infer_body(tensor={"shape": [1, 4]}), 400, "shape must be [B, 3]"),
         (infer_body(tensor={"name": "x"}), 400, 'the input is named "input"'),
         (infer_body(tensor={"data": [0.0, 1.0]}), 400, "data holds 2 numbers; its shape needs 3"),
