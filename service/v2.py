@@ -57,7 +57,13 @@ IGNORED_PARAMETERS = frozenset({"priority", "timeout"})  # Triton's; no meaning 
 INPUT_TYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 MODEL_TYPES = {np.float32: "FP32", np.float64: "FP64"}
 FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
-CLASS_FIELDS = ("confidence", "entropy", "expected_entropy", "mutual_information")
+CLASS_FIELDS = (
+    "confidence",
+    "entropy",
+    "expected_entropy",
+    "mutual_information",
+    "variation_ratio",
+)
 HEADER_LENGTH = b"inference-header-content-length"
 CONTENT_ENCODING = b"content-encoding"
 WIRE_TYPES = {"FP64": "<f8", "INT64": "<i8"}

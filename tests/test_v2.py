@@ -21,7 +21,13 @@ from tritonclient.utils import InferenceServerException
 from service.app import create_app
 
 FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
-CLASS_FIELDS = ("confidence", "entropy", "expected_entropy", "mutual_information")
+CLASS_FIELDS = (
+    "confidence",
+    "entropy",
+    "expected_entropy",
+    "mutual_information",
+    "variation_ratio",
+)
 ROWS = np.array([[0.0, 1.0, 2.0], [-1.5, 0.25, 3.0]], dtype=np.float32)
 CLASS_ROWS = np.array([[0.1, -0.2, 0.3, 1.0], [2.0, 0.0, -1.0, 0.5]], dtype=np.float32)
 
