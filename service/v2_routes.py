@@ -26,7 +26,6 @@ from service.registry import LoadedModel, ModelSpec, Registry
 from service.settings import Settings
 
 SERVER_NAME = "credence"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
 INFER_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?P<verb>infer)"
@@ -49,8 +48,9 @@ def registry_of(request: Request) -> Registry:
 
 
 @router.get("")
-async def server_metadata() -> Response:
-    return reply({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+async def server_metadata(request: Request) -> Response:
+    version = request.app.version  # the app's, as its OpenAPI schema states it
+    return reply({"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS})
 
 
 @router.get("/health/live")

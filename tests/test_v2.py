@@ -85,6 +85,7 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient) -> Non
     assert client.is_server_live() and client.is_server_ready()
     metadata = client.get_server_metadata()
     assert metadata["name"] == "credence" and "binary_tensor_data" in metadata["extensions"]
+    assert metadata["version"] == "0.1.0"
     assert client.is_model_ready("reg") and client.is_model_ready("reg", "1")
     assert client.is_model_ready("twin", "1") and not client.is_model_ready("twin", "2")
     assert not client.is_model_ready("broken")  # failed to load: known, not ready
