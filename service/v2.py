@@ -12,7 +12,8 @@ every output as binary). Triton's `priority` and `timeout` are accepted and have
 
 Outputs are the predictive summaries, each a tensor over the request's rows; float outputs
 are FP64 (the summaries are computed in float64), `lower` / `upper` are [B, L, outputs], one
-row per credible level in the order the response's `credible_levels` parameter lists them.
+row per credible level in the order the response's `credible_levels` parameter lists them;
+a checkpoint with OOD reference scores adds `ood_score` (FP64) and `ood` (BOOL) per row.
 Errors are `{"error": "..."}`; a request the native API answers 422 is a 400 here, as V2
 has it.
 """
@@ -66,25 +67,29 @@ CLASS_FIELDS = (
 )
 HEADER_LENGTH = b"inference-header-content-length"
 CONTENT_ENCODING = b"content-encoding"
-WIRE_TYPES = {"FP64": "<f8", "INT64": "<i8"}
+WIRE_TYPES = {"FP64": "<f8", "INT64": "<i8", "BOOL": "?"}
 
 
 def output_tensors(spec: ModelSpec) -> dict[str, tuple[str, list[int]]]:
     """Each output's (datatype, shape) with -1 for the rows (and the credible levels)."""
-    return _output_tensors(spec.task, spec.num_outputs)
+    return _output_tensors(spec.task, spec.num_outputs, spec.ood is not None)
 
 
 @cache
-def _output_tensors(task: str, k: int) -> dict[str, tuple[str, list[int]]]:
+def _output_tensors(task: str, k: int, ood: bool) -> dict[str, tuple[str, list[int]]]:
+    """`ood`: the checkpoint has in-distribution reference scores (training.ood), so each
+    row gets its `ood_score` and `ood` flag."""
     bounds = {"lower": ("FP64", [-1, -1, k]), "upper": ("FP64", [-1, -1, k])}
+    flags = {"ood_score": ("FP64", [-1]), "ood": ("BOOL", [-1])} if ood else {}
     if task == "regression":
-        return {**{name: ("FP64", [-1, k]) for name in FIELDS}, **bounds}
+        return {**{name: ("FP64", [-1, k]) for name in FIELDS}, **bounds, **flags}
     return {
         "probabilities": ("FP64", [-1, k]),
         "predicted_class": ("INT64", [-1]),
         "predicted_label": ("BYTES", [-1]),
         **{name: ("FP64", [-1]) for name in CLASS_FIELDS},
         **bounds,
+        **flags,
     }
 
 
@@ -393,7 +398,7 @@ def _outputs(
 ) -> tuple[tuple[str, bool], ...]:
     known = output_tensors(spec)
     if value is None:
-        return _every_output(spec.task, spec.num_outputs, binary)
+        return _every_output(spec.task, spec.num_outputs, spec.ood is not None, binary)
     if not isinstance(value, list) or not value:
         problems.append(
             Problem(
@@ -428,8 +433,8 @@ def _outputs(
 
 
 @cache
-def _every_output(task: str, k: int, binary: bool) -> tuple[tuple[str, bool], ...]:
-    return tuple((name, binary) for name in _output_tensors(task, k))
+def _every_output(task: str, k: int, ood: bool, binary: bool) -> tuple[tuple[str, bool], ...]:
+    return tuple((name, binary) for name in _output_tensors(task, k, ood))
 
 
 class Columns:
@@ -445,6 +450,10 @@ class Columns:
         if "predicted_class" in self.arrays:
             labels = np.array(spec.output_names, dtype=object)
             self.arrays["predicted_label"] = labels[self.arrays["predicted_class"]]
+        if spec.ood is not None:
+            scores, flags = spec.ood.assess(summary)
+            self.arrays["ood_score"] = np.asarray(scores, dtype=np.float64)
+            self.arrays["ood"] = np.asarray(flags, dtype=bool)
         self.lists: dict[str, list[list]] = {}
         self.json_only: dict[tuple[tuple[str, bool], ...], list[tuple]] = {}
         self.tensors = output_tensors(spec)

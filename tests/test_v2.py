@@ -13,12 +13,22 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as triton
 import uvicorn
-from conftest import CLASSES, make_settings, metric_value, serve
+from conftest import (
+    CLASSES,
+    make_settings,
+    metric_value,
+    regression_manifest,
+    regression_model,
+    serve,
+)
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
+from training import ood
+from training.checkpoint import save_checkpoint
 
 FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
 CLASS_FIELDS = (
@@ -343,3 +353,34 @@ def test_native_and_v2_requests_share_batches(model_dir: Path) -> None:
         metrics = app.get("/metrics").text
         labels = {"model": "reg", "version": "1", "code": "400"}
         assert metric_value(metrics, "credence_requests_total", **labels) == 1
+
+
+def test_ood_flags_are_outputs_where_the_checkpoint_has_a_reference(tmp_path: Path) -> None:
+    """A reference whose threshold every prediction of this model passes: the flags and
+    scores equal the native API's, and each protocol's flags are counted."""
+    manifest = regression_manifest()
+    scores = {"epistemic_variance": torch.linspace(0, 1e-12, 200).unsqueeze(-1)}
+    manifest["ood"] = ood.reference("regression", scores, num_samples=50)
+    save_checkpoint(regression_model(), tmp_path, "flagged", manifest)
+    with serve(make_settings(tmp_path)) as app:
+        metadata = app.get("/v2/models/flagged").json()
+        outputs = {o["name"]: o["datatype"] for o in metadata["outputs"]}
+        assert outputs["ood"] == "BOOL" and outputs["ood_score"] == "FP64"
+        body = infer_body(tensor={"shape": [2, 3], "data": ROWS.tolist()}, parameters={"seed": 3})
+        body["outputs"] = [{"name": "ood"}, {"name": "ood_score"}]
+        answer = app.post("/v2/models/flagged/infer", json=body)
+        assert answer.status_code == 200, answer.text
+        got = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+        native_body = {"instances": ROWS.tolist(), "parameters": {"seed": 3}}
+        expected = app.post("/v1/models/flagged:predict", json=native_body).json()
+        assert got["ood"] == [p["ood"] for p in expected["predictions"]] == [True, True]
+        assert got["ood_score"] == [p["ood_score"] for p in expected["predictions"]]
+        count = metric_value(
+            app.get("/metrics").text, "credence_ood_predictions_total", model="flagged", version="1"
+        )
+        assert count == 4
+
+
+def test_without_a_reference_there_are_no_ood_outputs(http: httpx.Client) -> None:
+    response = http.post("/v2/models/reg/infer", json=infer_body(outputs=[{"name": "ood"}]))
+    assert response.status_code == 400 and "unknown output" in response.json()["error"]
