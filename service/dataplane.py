@@ -26,10 +26,10 @@ from service.registry import ModelSpec, Registry
 # so no os.urandom syscall per request (4% of the event loop's time at concurrency 32).
 UNSEEDED = random.Random()
 
-# (body, ASGI scope, the model's spec) -> (the request, its renderer given the seed, the
-# protocol's columns); raises ApiError for a bad request
+# (body, route verb, ASGI scope, the model's spec) -> (the request, its renderer given the
+# seed, the protocol's columns); raises ApiError for a bad request
 Decode = Callable[
-    [bytes, Scope, ModelSpec], tuple[PredictRequest, Callable[[int], Render], Columns]
+    [bytes, str, Scope, ModelSpec], tuple[PredictRequest, Callable[[int], Render], Columns]
 ]
 
 
