@@ -29,7 +29,7 @@ from service.cpus import available_cores
 from service.cuda_graphs import GraphedSampler
 from service.dataplane import Decode, predict_handler
 from service.errors import ApiError, Problem, error_body
-from service.gateway import FastRoute, Gateway, internal_error, native_error
+from service.gateway import FastRoute, Gateway, header, internal_error, native_error
 from service.metrics import Metrics
 from service.registry import FailedModel, LoadedModel, ModelEntry, ModelSpec, Registry
 from service.settings import Settings, resolve_device
@@ -164,9 +164,10 @@ class App(FastAPI):
     """FastAPI with the Gateway in front of its middleware stack (service.gateway)."""
 
     fast_routes: list[FastRoute]
+    max_body_bytes: int
 
     def build_middleware_stack(self) -> ASGIApp:
-        return Gateway(super().build_middleware_stack(), self.fast_routes)
+        return Gateway(super().build_middleware_stack(), self.fast_routes, self.max_body_bytes)
 
 
 def native_decode(settings: Settings) -> Decode:
@@ -176,6 +177,7 @@ def native_decode(settings: Settings) -> Decode:
     def decode(
         body: bytes, verb: str, scope: Scope, spec: ModelSpec
     ) -> tuple[protocol.PredictRequest, Callable[[int], Render], Columns]:
+        protocol.check_content_type(header(scope, b"content-type"))
         req = protocol.parse_predict(body, spec, settings.max_instances, verb)
 
         def renderer(seed: int) -> Render:
@@ -289,6 +291,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(orjson.dumps(model_detail(entry)))
 
     app.include_router(v2_routes.router)
+    app.max_body_bytes = settings.max_body_bytes
     app.fast_routes = [
         FastRoute(
             PREDICT_PATH, predict_handler(app, metrics, native_decode(settings), native_error)

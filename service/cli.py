@@ -28,6 +28,7 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
     "default_num_samples": (int, "posterior samples when neither request nor manifest says"),
     "max_num_samples": (int, "hard cap on posterior samples per request"),
     "max_instances": (int, "rows per request"),
+    "max_body_bytes": (int, "largest predict body in bytes; past it, 413 unread"),
     "max_queue": (int, "queued requests per model version before 503"),
     "request_timeout_s": (float, "deadline per request before 504"),
     "shutdown_grace_s": (float, "after SIGTERM, how long queued and in-flight requests may take"),

@@ -93,9 +93,10 @@ class Gateway:
     which gets a JSON 500 (and a logged traceback) for any exception it lets out; everything
     else goes to the FastAPI app, whose own handlers answer its errors."""
 
-    def __init__(self, app: ASGIApp, routes: Sequence[FastRoute]):
+    def __init__(self, app: ASGIApp, routes: Sequence[FastRoute], max_body_bytes: int):
         self.app = app
         self.routes = tuple(routes)
+        self.max_body_bytes = max_body_bytes
 
     def match(self, path: str) -> tuple[FastRoute, re.Match[str]] | None:
         for route in self.routes:
@@ -125,13 +126,49 @@ class Gateway:
                 )
                 await send_error(send, error, route.error)
                 return
+            length = header(scope, b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                # refused before a byte of the body is read
+                await send_error(send, body_too_large(self.max_body_bytes), route.error)
+                return
             name, version, verb = match["name"], match["version"], match["verb"]
+            receive = bounded(receive, self.max_body_bytes)  # a chunked body has no length
             await route.handler(name, version, verb, scope, receive, watch)
         except Exception as exc:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if started:
                 raise
             await send_error(send, internal_error(exc), route.error)
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a request header (`name` in lower case), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def body_too_large(limit: int) -> ApiError:
+    message = f"the request body is over the server's limit of {limit} bytes (max_body_bytes)"
+    return ApiError.single(413, "body_too_large", message)
+
+
+def bounded(receive: Receive, limit: int) -> Receive:
+    """`receive` that raises a 413 ApiError as soon as the body passes `limit` bytes, so a
+    client cannot make the server hold more than that."""
+    seen = 0
+
+    async def bounded_receive() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise body_too_large(limit)
+        return message
+
+    return bounded_receive
 
 
 def internal_error(exc: Exception) -> ApiError:

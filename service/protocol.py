@@ -106,6 +106,20 @@ def where(location: Location) -> str:
     return text
 
 
+def check_content_type(value: str | None) -> None:
+    """A body declared as anything but JSON is a 415 (none declared is read as JSON)."""
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return
+    message = (
+        f"Content-Type must be application/json, got {value!r} (curl -d sends "
+        "application/x-www-form-urlencoded unless given -H 'Content-Type: application/json')"
+    )
+    raise ApiError.single(415, "unsupported_media_type", message, ("headers", "content-type"))
+
+
 def parse_predict(
     body: bytes, spec: ModelSpec, max_instances: int, verb: str = "predict"
 ) -> PredictRequest:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     default_num_samples: int = Field(100, ge=1, description="when the manifest gives none")
     max_num_samples: int = Field(1000, ge=1, description="hard cap over every model")
     max_instances: int = Field(1024, ge=1, description="rows in one request")
+    max_body_bytes: int = Field(
+        64 * 2**20, ge=1, description="a predict body past this is a 413, refused unread"
+    )
     max_queue: int = Field(256, ge=1, description="requests waiting per model version")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline; past it, 504")
     shutdown_grace_s: float = Field(

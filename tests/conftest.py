@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -11,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import uvicorn
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from fastapi import FastAPI
 
@@ -165,3 +169,29 @@ def reordering_tolerance(model: PosteriorModel, draws: torch.Tensor) -> dict[str
     gamma = fan_in * u / (1 - fan_in * u)
     tol = 2 * layers * gamma * 4
     return {"rtol": tol, "atol": tol * float(draws.abs().max())}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def listening(settings: Settings) -> Iterator[str]:
+    """The app on a real uvicorn server, 127.0.0.1 and a free port, in a thread: for clients
+    that need a socket (tritonclient, raw HTTP). Yields "127.0.0.1:PORT"."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)

@@ -4,9 +4,6 @@ binary and JSON tensors, metadata, readiness, errors, and the native API's numbe
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-import uvicorn
 from conftest import (
     CLASSES,
+    listening,
     make_settings,
     metric_value,
     regression_manifest,
@@ -26,7 +23,6 @@ from conftest import (
 )
 from tritonclient.utils import InferenceServerException
 
-from service.app import create_app
 from training import ood
 from training.checkpoint import save_checkpoint
 
@@ -42,27 +38,10 @@ ROWS = np.array([[0.0, 1.0, 2.0], [-1.5, 0.25, 3.0]], dtype=np.float32)
 CLASS_ROWS = np.array([[0.1, -0.2, 0.3, 1.0], [2.0, 0.0, -1.0, 0.5]], dtype=np.float32)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(model_dir: Path) -> Iterator[str]:
-    """A uvicorn server on a free port of 127.0.0.1, in a thread, for the module."""
-    port = free_port()
-    app = create_app(make_settings(model_dir))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=20)
+    with listening(make_settings(model_dir)) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

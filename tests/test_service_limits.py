@@ -1,0 +1,68 @@
+"""Bounds on what a client can make the server hold: body size, content type."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import listening, make_settings
+
+URL = "/v1/models/reg:predict"
+BODY = b'{"instances": [[0.0, 1.0, 2.0]]}'
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_sent(model_dir: Path):
+    """The server answers 413 from the headers alone: the client never sends the body."""
+    with listening(make_settings(model_dir, max_body_bytes=1000)) as address:
+        host, port = address.split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 1000000000\r\n\r\n".encode()
+            )
+            answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert "over the server's limit of 1000 bytes" in answer
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(model_dir: Path):
+    def chunks():
+        yield b'{"instances": ['
+        for _ in range(100):
+            yield b"[0.0, 1.0, 2.0],"
+        yield b"[0.0, 1.0, 2.0]]}"
+
+    with listening(make_settings(model_dir, max_body_bytes=500)) as address:
+        with httpx.Client(base_url=f"http://{address}", timeout=10) as http:
+            refused = http.post(URL, content=chunks())  # no Content-Length: chunked
+        with httpx.Client(base_url=f"http://{address}", timeout=10) as http:
+            v2 = http.post("/v2/models/reg/infer", content=b" " * 501)
+            fine = http.post(URL, content=BODY)
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "body_too_large"
+    assert v2.status_code == 413 and "limit of 500 bytes" in v2.json()["error"]
+    assert fine.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        (None, 200),
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("application/vnd.credence+json", 200),
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),  # what curl -d sends by default
+    ],
+)
+def test_a_body_declared_as_anything_but_json_is_415(
+    client, content_type: str | None, status: int
+) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = client.post(URL, content=BODY, headers=headers)
+    assert response.status_code == status, response.text
+    if status == 415:
+        error = response.json()["error"]
+        assert error["location"] == ["headers", "content-type"]
+        assert content_type in error["message"] and "application/json" in error["message"]
