@@ -9,7 +9,7 @@ MODEL_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo test lint format bench-uci bench-methods bench-serve bench-device clean
+.PHONY: install demo test lint format bench-uci bench-methods bench-gap bench-serve bench-device clean
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,12 @@ bench-device: install
 
 bench-methods: install
 	$(BIN)/python benchmarks/methods_vectorization.py
+
+# Every method's gap/data epistemic-std ratio on toy:sine-gap, seeds 0-2, one thread
+# (4 minutes on the 2 cores); e.g. GAP_ARGS="--runs 'variational --lr 0.01' --seeds 0-4".
+GAP_ARGS ?=
+bench-gap: install
+	$(BIN)/python benchmarks/gap.py $(GAP_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

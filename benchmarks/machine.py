@@ -33,6 +33,15 @@ def machine_record() -> dict[str, str | int | None]:
     }
 
 
+def machine_line(machine: dict, threads: int) -> str:
+    """A `machine_record` as the one line a written report gives it."""
+    return (
+        f"{machine['arch']}, {machine['cpu_count']} cores ({machine['cpu_model']}), "
+        f"Python {machine['python']}, torch {machine['torch']} with {threads} thread(s); "
+        f"{machine['date']}"
+    )
+
+
 def write_report(
     out: Path,
     text: str,

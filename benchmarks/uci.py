@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import machine_record
+from machine import machine_line, machine_record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -520,15 +520,13 @@ def markdown(record: dict) -> str:
         for method, a in m.items()
         if "chosen" in a
     ]
-    machine = record["machine"]
     return "\n".join(
         [
             "# UCI regression benchmark",
             "",
             *[f"Command: `{c}`  " for c in record["commands"]],
-            f"Machine: {machine['arch']}, {machine['cpu_count']} cores ({machine['cpu_model']}), "
-            f"Python {machine['python']}, torch {machine['torch']} with {record['threads']} "
-            f"thread(s); {machine['date']}; wall time {record['seconds'] / 60:.1f} min"
+            f"Machine: {machine_line(record['machine'], record['threads'])}; wall time "
+            f"{record['seconds'] / 60:.1f} min"
             + (" (all commands)." if len(record["commands"]) > 1 else "."),
             "",
             "Test metrics, mean ± standard error over splits, original target units. LL is the "
