@@ -127,12 +127,14 @@ class Gateway:
                 await send_error(send, error, route.error)
                 return
             length = header(scope, b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                # refused before a byte of the body is read
+            if length is None:  # chunked: counted as it arrives
+                receive = bounded(receive, self.max_body_bytes)
+            elif length.isdigit() and int(length) > self.max_body_bytes:
+                # refused before a byte of the body is read (the HTTP server delivers no more
+                # than a declared length)
                 await send_error(send, body_too_large(self.max_body_bytes), route.error)
                 return
             name, version, verb = match["name"], match["version"], match["verb"]
-            receive = bounded(receive, self.max_body_bytes)  # a chunked body has no length
             await route.handler(name, version, verb, scope, receive, watch)
         except Exception as exc:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])

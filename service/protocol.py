@@ -108,7 +108,7 @@ def where(location: Location) -> str:
 
 def check_content_type(value: str | None) -> None:
     """A body declared as anything but JSON is a 415 (none declared is read as JSON)."""
-    if value is None:
+    if value is None or value == "application/json":  # what clients send, checked first
         return
     media = value.split(";", 1)[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
@@ -432,17 +432,14 @@ def predictions(spec: ModelSpec, summary: Summary, levels: Sequence[float]) -> l
     Built for all the rows of a batch at once (one `tolist` per field, not one per request
     and field): each request then takes its slice of plain Python objects.
     """
-    if spec.task == "regression":
-        rows = _regression(summary, levels, method_name(spec.calibration))
-    else:
-        rows = _classification(summary, levels, spec.output_names)
+    rows = summary["mean" if spec.task == "regression" else "probabilities"].shape[0]
     if spec.ood is None:  # a checkpoint without in-distribution reference scores
-        scores, flags = [None] * len(rows), [None] * len(rows)
+        ood: tuple[list, list] = ([None] * rows, [None] * rows)
     else:
-        scores, flags = spec.ood.assess(summary)
-    for row, score, flag in zip(rows, scores, flags, strict=True):
-        row["ood_score"], row["ood"] = score, flag
-    return rows
+        ood = spec.ood.assess(summary)
+    if spec.task == "regression":
+        return _regression(summary, levels, method_name(spec.calibration), ood)
+    return _classification(summary, levels, spec.output_names, ood)
 
 
 def render(spec: ModelSpec, num_samples: int, seed: int, predictions: list[dict]) -> bytes:
@@ -514,7 +511,9 @@ def _intervals(summary: Summary, levels: Sequence[float]) -> list[list[dict]]:
     ]
 
 
-def _regression(summary: Summary, levels: Sequence[float], calibration: str | None) -> list[dict]:
+def _regression(
+    summary: Summary, levels: Sequence[float], calibration: str | None, ood: tuple[list, list]
+) -> list[dict]:
     """Each prediction names the calibration its numbers carry (null: the raw model's)."""
     columns = [summary[key].tolist() for key in REGRESSION_FIELDS]
     intervals = _intervals(summary, levels)
@@ -523,12 +522,16 @@ def _regression(summary: Summary, levels: Sequence[float], calibration: str | No
             **dict(zip(REGRESSION_FIELDS, values, strict=True)),
             "intervals": row_intervals,
             "calibration": calibration,
+            "ood_score": score,
+            "ood": flag,
         }
-        for *values, row_intervals in zip(*columns, intervals, strict=True)
+        for *values, row_intervals, score, flag in zip(*columns, intervals, *ood, strict=True)
     ]
 
 
-def _classification(summary: Summary, levels: Sequence[float], labels: Sequence[str]) -> list[dict]:
+def _classification(
+    summary: Summary, levels: Sequence[float], labels: Sequence[str], ood: tuple[list, list]
+) -> list[dict]:
     probabilities = summary["probabilities"].tolist()
     predicted = summary["predicted_class"].tolist()
     confidence = summary["confidence"].tolist()
@@ -537,6 +540,7 @@ def _classification(summary: Summary, levels: Sequence[float], labels: Sequence[
     mutual = summary["mutual_information"].tolist()
     variation = summary["variation_ratio"].tolist()
     intervals = _intervals(summary, levels)
+    scores, flags = ood
     return [
         {
             "probabilities": probabilities[i],
@@ -547,6 +551,8 @@ def _classification(summary: Summary, levels: Sequence[float], labels: Sequence[
             "mutual_information": mutual[i],
             "variation_ratio": variation[i],
             "intervals": intervals[i],
+            "ood_score": scores[i],
+            "ood": flags[i],
         }
         for i in range(len(probabilities))
     ]
