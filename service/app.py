@@ -185,6 +185,8 @@ def native_decode(settings: Settings) -> Decode:
                 return partial(
                     protocol.render_acquired, spec, req.num_samples, seed, req.acquisition, req.k
                 )
+            if verb == "sample" and protocol.wants_binary(header(scope, b"accept")):
+                return partial(protocol.render_draws_binary, spec, req.num_samples, seed)
             render = protocol.render_draws if verb == "sample" else protocol.render
             return partial(render, spec, req.num_samples, seed)
 

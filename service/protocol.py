@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 import torch
+from safetensors.numpy import save as save_safetensors
 
 from service.errors import ApiError, Location, Problem
+from service.gateway import Reply
 from service.registry import ModelSpec
 from training.calibration import method_name
 from training.summaries import Summary
@@ -43,6 +45,7 @@ ACQUISITION_FIELDS = {
     "variation_ratios": "variation_ratio",
     "epistemic_variance": "epistemic_variance",
 }
+OCTET_STREAM = "application/octet-stream"
 DEFAULT_LEVELS = (0.95,)
 MAX_LEVELS = 16
 MAX_SEED = 2**63 - 1
@@ -500,6 +503,30 @@ def render_acquired(
             "scores": [scores[i] for i in best],
         }
     )
+
+
+def render_draws_binary(spec: ModelSpec, num_samples: int, seed: int, rows: list[dict]) -> Reply:
+    """A :sample response as safetensors bytes (`Accept: application/octet-stream`): each
+    field a float64 tensor [n, instances, outputs], the response's other keys as metadata;
+    `safetensors.numpy.load(body)` reads it, with no JSON of n x B numbers either way."""
+    tensors = {
+        key: np.ascontiguousarray(np.asarray([row[key] for row in rows]).transpose(1, 0, 2))
+        for key in rows[0]
+    }
+    metadata = {
+        "model_name": spec.name,
+        "model_version": str(spec.version),
+        "num_samples": str(num_samples),
+        "seed": str(seed),
+        "outputs": orjson.dumps(list(spec.output_names)).decode(),
+    }
+    headers = {"content-type": OCTET_STREAM, "credence-format": "safetensors"}
+    return Reply(save_safetensors(tensors, metadata=metadata), headers)
+
+
+def wants_binary(accept: str | None) -> bool:
+    """Whether an Accept header asks for :sample's binary draws."""
+    return accept is not None and OCTET_STREAM in accept
 
 
 def _intervals(summary: Summary, levels: Sequence[float]) -> list[list[dict]]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from conftest import Client, make_settings, regression_model, reordering_tolerance, serve
 
@@ -121,3 +123,28 @@ def test_a_worker_process_returns_the_draws_the_event_loop_computes(
     expected = draws_of(client, REG, NEAR, num_samples=30, seed=6)
     with serve(make_settings(model_dir, batch_workers=1)) as live:
         assert draws_of(live, REG, NEAR, num_samples=30, seed=6) == expected
+
+
+def test_binary_draws_are_the_json_draws_as_safetensors(client: Client) -> None:
+    """Accept: application/octet-stream: the same draws as float64 tensors [n, B, outputs],
+    the response's other keys as the file's metadata."""
+    body = {"instances": NEAR, "parameters": {"num_samples": 40, "seed": 12}}
+    expected = client.post(REG, json=body).json()
+    response = client.post(REG, json=body, headers={"accept": "application/octet-stream"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["credence-format"] == "safetensors"
+    tensors = safetensors.numpy.load(response.content)
+    assert sorted(tensors) == ["mean", "variance"]
+    for key, value in tensors.items():
+        assert value.dtype == np.float64 and value.shape == (40, 2, 1)
+        assert np.array_equal(value, np.asarray(expected["draws"][key]))
+    length = int.from_bytes(response.content[:8], "little")  # the format's JSON header
+    metadata = json.loads(response.content[8 : 8 + length])["__metadata__"]
+    assert metadata == {
+        "model_name": "reg",
+        "model_version": "1",
+        "num_samples": "40",
+        "seed": "12",
+        "outputs": '["y"]',
+    }
