@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Scope
 
 from service import protocol, v2_routes
+from service.auth import Keys, keys_of
 from service.batcher import Batcher, Columns, Render
 from service.cpus import available_cores
 from service.cuda_graphs import GraphedSampler
@@ -165,9 +166,11 @@ class App(FastAPI):
 
     fast_routes: list[FastRoute]
     max_body_bytes: int
+    keys: Keys | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
-        return Gateway(super().build_middleware_stack(), self.fast_routes, self.max_body_bytes)
+        stack = super().build_middleware_stack()
+        return Gateway(stack, self.fast_routes, self.max_body_bytes, self.keys)
 
 
 def native_decode(settings: Settings) -> Decode:
@@ -294,6 +297,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(v2_routes.router)
     app.max_body_bytes = settings.max_body_bytes
+    app.keys = keys_of(settings)
     app.fast_routes = [
         FastRoute(
             PREDICT_PATH, predict_handler(app, metrics, native_decode(settings), native_error)

@@ -41,6 +41,10 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
     ),
     "cuda_graphs": (str, "true: MC-dropout draws replayed from CUDA graphs (on CUDA)"),
     "batch_invariant": (str, "true: a seeded request gets the same bits in any batch (slower)"),
+    "api_keys": (str, "comma-separated API keys (better: CREDENCE_API_KEYS, not argv)"),
+    "api_keys_file": (str, "file of API keys' sha256 hex digests, one per line"),
+    "auth_health": (str, "true: health and readiness need a key too"),
+    "auth_metrics": (str, "true: /metrics needs a key too"),
     "log_level": (str, "critical, error, warning, info or debug"),
     "access_log": (
         str,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import Keys
 from service.errors import ApiError, Problem
 
 log = logging.getLogger("credence.app")
@@ -93,10 +94,17 @@ class Gateway:
     which gets a JSON 500 (and a logged traceback) for any exception it lets out; everything
     else goes to the FastAPI app, whose own handlers answer its errors."""
 
-    def __init__(self, app: ASGIApp, routes: Sequence[FastRoute], max_body_bytes: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Sequence[FastRoute],
+        max_body_bytes: int,
+        keys: Keys | None = None,
+    ):
         self.app = app
         self.routes = tuple(routes)
         self.max_body_bytes = max_body_bytes
+        self.keys = keys
 
     def match(self, path: str) -> tuple[FastRoute, re.Match[str]] | None:
         for route in self.routes:
@@ -107,6 +115,16 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         matched = self.match(scope["path"]) if scope["type"] == "http" else None
+        if self.keys is not None and scope["type"] == "http" and not self.keys.allows(scope):
+            error = ApiError.single(
+                401,
+                "unauthorized",
+                "this route needs an API key: Authorization: Bearer <key>",
+                ("headers", "authorization"),
+                headers={"WWW-Authenticate": 'Bearer realm="credence"'},
+            )
+            await send_error(send, error, matched[0].error if matched else native_error)
+            return
         if matched is None:
             await self.app(scope, receive, send)
             return

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.auth import keys_of
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -77,6 +79,14 @@ class Settings(BaseSettings):
         "gets the same bits alone and in any batch; false: MC-dropout and sample-set models "
         "multiply over the whole batch (faster; the same numbers to float rounding)",
     )
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated API keys; set, requests need Authorization: Bearer"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="a file of API keys' sha256 hex digests, one per line"
+    )
+    auth_health: bool = Field(False, description="health and readiness need a key too")
+    auth_metrics: bool = Field(False, description="/metrics needs a key too")
     log_level: LogLevel = "info"
     access_log: bool = Field(
         False, description="a log line per HTTP request (at log level info); metrics count them"
@@ -114,6 +124,11 @@ class Settings(BaseSettings):
                 "cuda_graphs replays products over a whole bucket of rows; batch_invariant "
                 "needs them per request"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _keys_readable(self) -> Settings:
+        keys_of(self)  # a missing or malformed keys file, or no key at all, fails here
         return self
 
     @model_validator(mode="after")

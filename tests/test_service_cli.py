@@ -159,3 +159,23 @@ def test_real_server_end_to_end(model_dir: Path) -> None:
     assert "Application shutdown complete" in output
     assert "loaded reg v1 on cpu" in output and "refused twin v2" in output
     assert "POST /v1/models/reg:predict" not in output  # no access log unless asked for
+
+
+def test_an_api_key_appears_in_no_log_line(model_dir: Path) -> None:
+    """With the access log on and debug logging, right and wrong keys leave no trace."""
+    key = "k3y-9f2c1e77"
+    flags = ("--api-keys", key, "--access-log", "true", "--log-level", "debug")
+    server, base = start_server(model_dir, *flags)
+    try:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            body = {"instances": [[0.0, 1.0, 2.0]]}
+            right = {"authorization": f"Bearer {key}"}
+            wrong = {"authorization": f"Bearer {key}x"}
+            assert http.post("/v1/models/reg:predict", json=body, headers=right).is_success
+            assert http.post("/v1/models/reg:predict", json=body, headers=wrong).status_code == 401
+            assert http.get("/v1/models", headers=right).is_success
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=20)
+    assert "POST /v1/models/reg:predict" in output  # the access log did run
+    assert key not in output
