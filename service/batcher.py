@@ -89,7 +89,8 @@ class Batcher:
         self._expiry: asyncio.Task | None = None
         # Every request gets the same timeout from when it is queued, so queue order is
         # deadline order: the expiry task fails what is overdue from the front (no timer
-        # per request).
+        # per request). A client's shorter deadline gets a timer of its own; it is never
+        # later than its server deadline, so the front stays the earliest of those.
         self._by_deadline: collections.deque[Job] = collections.deque()
         self._running: set[asyncio.Task] = set()  # batches being computed
         name = f"credence-{loaded.spec.name}-v{loaded.spec.version}"
@@ -153,11 +154,14 @@ class Batcher:
         seed: int,
         render: Render,
         columns: Columns,
+        timeout_s: float | None = None,
     ) -> Any:
-        """Queue one request and wait for its rendered response, `request_timeout_s` at most.
-        The batcher knows no protocol: `columns` and `render` are the request's codec's."""
+        """Queue one request and wait for its rendered response, `request_timeout_s` at most,
+        or the client's `timeout_s` where that is shorter. The batcher knows no protocol:
+        `columns` and `render` are the request's codec's."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        deadline = loop.time() + timeout
         job = Job(x, num_samples, levels, seed, render, columns, deadline, loop.create_future())
         try:
             self.queue.put_nowait(job)
@@ -170,21 +174,29 @@ class Batcher:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
         self._by_deadline.append(job)
+        if timeout < self.timeout_s:  # out of the queue's deadline order: a timer of its own
+            loop.call_at(deadline, self._expire_one, job, timeout)
         self.depth_gauge.set(self.depth)
         # _expire fails the future at the deadline (a batch skips the futures that are done);
         # a batch computed on the loop cannot be interrupted, so an answer that comes after
         # the deadline is refused the same way
         payload = await job.future
         if loop.time() > deadline:
-            raise self._deadline_exceeded()
+            raise self._deadline_exceeded(timeout)
         return payload
 
-    def _deadline_exceeded(self) -> ApiError:
+    def _deadline_exceeded(self, timeout: float | None = None) -> ApiError:
+        timeout = self.timeout_s if timeout is None else timeout
         return ApiError.single(
             504,
             "deadline_exceeded",
-            f"no prediction within the request deadline of {self.timeout_s:g} s",
+            f"no prediction within the request deadline of {timeout:g} s",
         )
+
+    def _expire_one(self, job: Job, timeout: float) -> None:
+        """A client's shorter deadline has passed (its batch, if any, skips it)."""
+        if not job.future.done():
+            job.future.set_exception(self._deadline_exceeded(timeout))
 
     async def _expire(self) -> None:
         """Answer requests past their deadline with 504, and forget answered ones, every

@@ -28,9 +28,9 @@ from training.summaries import Summary
 NUMBERS = frozenset({int, float})  # exact types: bool is an int subclass and is refused
 TOP_LEVEL = ("instances", "parameters")
 PARAMETERS = {  # by route verb: :sample returns draws, not intervals
-    "predict": ("num_samples", "credible_levels", "seed"),
-    "sample": ("num_samples", "seed"),
-    "acquire": ("num_samples", "seed", "k", "acquisition"),
+    "predict": ("num_samples", "credible_levels", "seed", "timeout_ms"),
+    "sample": ("num_samples", "seed", "timeout_ms"),
+    "acquire": ("num_samples", "seed", "k", "acquisition", "timeout_ms"),
 }
 # what :acquire ranks a pool by, per task (the first is the default): BALD is the mutual
 # information between a point's label and the weights (Houlsby et al. 2011); a regression
@@ -67,6 +67,7 @@ class PredictRequest:
     seed: int | None
     k: int = 0  # :acquire: how many of the pool to return, by `acquisition`
     acquisition: str | None = None
+    timeout_s: float | None = None  # the client's deadline, if it set one (it only shortens)
 
 
 def load_json(body: bytes) -> object:
@@ -147,10 +148,23 @@ def parse_predict(
     k, acquisition = 0, None
     if verb == "acquire" and x is not None:
         k, acquisition = _acquisition(parameters, spec, len(x), problems)
+    timeout_s = _timeout(parameters, problems)
     if problems or x is None:
         raise ApiError(422, problems[:MAX_PROBLEMS])
     levels = None if verb == "sample" else levels
-    return PredictRequest(x, spec.draws(num_samples), levels, seed, k, acquisition)
+    return PredictRequest(x, spec.draws(num_samples), levels, seed, k, acquisition, timeout_s)
+
+
+def _timeout(parameters: object, problems: list[Problem]) -> float | None:
+    """parameters.timeout_ms in seconds, or None when absent."""
+    value = parameters.get("timeout_ms") if isinstance(parameters, dict) else None
+    if value is None:
+        return None
+    if type(value) in NUMBERS and math.isfinite(value) and value > 0:
+        return value / 1000
+    message = f"timeout_ms must be a positive number of milliseconds, got {describe(value)}"
+    problems.append(Problem("wrong_type", message, ("parameters", "timeout_ms")))
+    return None
 
 
 def _acquisition(

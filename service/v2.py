@@ -8,7 +8,8 @@ It decodes to the same `PredictRequest` as the native API, so both go through on
 
 Request `parameters` (V2 parameters are scalars): `num_samples` (int), `seed` (int),
 `credible_levels` (a string: "0.9,0.95" or "[0.9, 0.95]"), `binary_data_output` (bool:
-every output as binary). Triton's `priority` and `timeout` are accepted and have no effect.
+every output as binary). Triton's `timeout` (microseconds) shortens the server's deadline;
+its `priority` is accepted and has no effect.
 
 Outputs are the predictive summaries, each a tensor over the request's rows; float outputs
 are FP64 (the summaries are computed in float64), `lower` / `upper` are [B, L, outputs], one
@@ -53,8 +54,8 @@ TOP_LEVEL = ("id", "parameters", "inputs", "outputs")
 TOP_LEVEL_SET = frozenset(TOP_LEVEL)
 NO_BYTES = memoryview(b"")
 DATA: Location = ("inputs", 0, "data")
-PARAMETERS = ("num_samples", "seed", "credible_levels", "binary_data_output")
-IGNORED_PARAMETERS = frozenset({"priority", "timeout"})  # Triton's; no meaning here
+PARAMETERS = ("num_samples", "seed", "credible_levels", "binary_data_output", "timeout")
+IGNORED_PARAMETERS = frozenset({"priority"})  # Triton's; no meaning here
 INPUT_TYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 MODEL_TYPES = {np.float32: "FP32", np.float64: "FP64"}
 FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
@@ -169,26 +170,28 @@ def decode(body: bytes, length: bytes | None, spec: ModelSpec, max_instances: in
     request_id = data.get("id")
     if request_id is not None and not isinstance(request_id, str):
         problems.append(Problem("wrong_type", f"id must be a string, got {describe(request_id)}"))
-    num_samples, levels, seed, binary_out = _parameters(data.get("parameters"), spec, problems)
+    parameters = _parameters(data.get("parameters"), spec, problems)
+    num_samples, levels, seed, binary_out, timeout_s = parameters
     x = _input(data.get("inputs"), binary, spec, max_instances, problems)
     outputs = _outputs(data.get("outputs"), spec, binary_out, problems)
     if problems or x is None:
         raise ApiError(400, problems[:MAX_PROBLEMS])
-    request = PredictRequest(x, spec.draws(num_samples), levels, seed)
+    request = PredictRequest(x, spec.draws(num_samples), levels, seed, timeout_s=timeout_s)
     return InferRequest(request, request_id, outputs)
 
 
 def _parameters(
     value: object, spec: ModelSpec, problems: list[Problem]
-) -> tuple[int, tuple[float, ...], int | None, bool]:
+) -> tuple[int, tuple[float, ...], int | None, bool, float | None]:
     num_samples, levels, seed, binary = spec.default_num_samples, DEFAULT_LEVELS, None, False
+    timeout_s = None
     if value is None:
-        return num_samples, levels, seed, binary
+        return num_samples, levels, seed, binary, timeout_s
     if not isinstance(value, dict):
         problems.append(
             Problem("wrong_type", f"parameters must be an object, got {describe(value)}")
         )
-        return num_samples, levels, seed, binary
+        return num_samples, levels, seed, binary, timeout_s
     for key, item in value.items():
         at = ("parameters", key)
         if key == "num_samples":
@@ -211,10 +214,16 @@ def _parameters(
             else:
                 message = f"binary_data_output must be a boolean, got {describe(item)}"
                 problems.append(Problem("wrong_type", message, at))
+        elif key == "timeout":
+            if type(item) is int and item > 0:
+                timeout_s = item / 1e6
+            else:
+                message = f"timeout must be a positive integer (us), got {describe(item)}"
+                problems.append(Problem("wrong_type", message, at))
         elif key not in IGNORED_PARAMETERS:
             message = f"unknown parameter {key!r}; allowed: {', '.join(PARAMETERS)}"
             problems.append(Problem("unknown_parameter", message, at))
-    return num_samples, levels, seed, binary
+    return num_samples, levels, seed, binary, timeout_s
 
 
 def parse_levels(value: object, problems: list[Problem]) -> tuple[float, ...] | None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import listening, make_settings
+from conftest import listening, make_settings, metric_value, serve
 
 URL = "/v1/models/reg:predict"
 BODY = b'{"instances": [[0.0, 1.0, 2.0]]}'
@@ -66,3 +67,37 @@ def test_a_body_declared_as_anything_but_json_is_415(
         error = response.json()["error"]
         assert error["location"] == ["headers", "content-type"]
         assert content_type in error["message"] and "application/json" in error["message"]
+
+
+def test_a_client_deadline_shortens_the_servers_and_its_work_is_dropped(model_dir: Path):
+    """While a batch waits 1 s for company, a request with timeout_ms 100 (and a V2 one with
+    Triton's timeout of 100,000 us) gets its 504 then, and the batch computes only the
+    patient request's row."""
+    patient = {"instances": [[0.0, 1.0, 2.0]], "parameters": {"seed": 1}}
+    hasty = {"instances": [[1.0, 1.0, 1.0]] * 5, "parameters": {"timeout_ms": 100}}
+    v2 = {
+        "inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}],
+        "parameters": {"timeout": 100_000},
+    }
+    with serve(make_settings(model_dir, max_batch_delay_ms=1000)) as live:
+        started = time.monotonic()
+        answers = live.gather((URL, patient), (URL, hasty), ("/v2/models/reg/infer", v2))
+        elapsed = time.monotonic() - started
+        rows = metric_value(live.get("/metrics").text, "credence_batch_rows_sum", model="reg",
+                            version="1")  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 504, 504]
+    assert "deadline of 0.1 s" in answers[1].json()["error"]["message"]
+    assert "deadline of 0.1 s" in answers[2].json()["error"]
+    assert elapsed >= 1.0  # the patient one waited for its batch
+    assert rows == 1
+
+
+@pytest.mark.parametrize("value", [0, -5, "soon", None])
+def test_a_bad_client_deadline_is_422(client, value: object) -> None:
+    body = {"instances": [[0.0, 1.0, 2.0]], "parameters": {"timeout_ms": value}}
+    response = client.post(URL, json=body)
+    if value is None:  # null: no deadline of the client's
+        assert response.status_code == 200
+    else:
+        assert response.status_code == 422
+        assert "timeout_ms must be a positive number of milliseconds" in response.text
