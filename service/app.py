@@ -29,6 +29,7 @@ from service.batcher import Batcher, Columns, Render
 from service.cpus import available_cores
 from service.cuda_graphs import GraphedSampler
 from service.dataplane import Decode, predict_handler
+from service.docs import add_docs
 from service.errors import ApiError, Problem, error_body
 from service.gateway import FastRoute, Gateway, header, internal_error, native_error
 from service.metrics import Metrics
@@ -240,8 +241,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.set_threshold(*collector_thresholds)
             await asyncio.gather(*(b.stop() for b in batchers.values()))
 
-    app = App(title="Credence", version="0.1.0", lifespan=lifespan, **NO_OTEL)
+    app = App(
+        title="Credence",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,  # service.docs serves them without a CDN
+        redoc_url=None,
+        **NO_OTEL,
+    )
     app.state.settings, app.state.metrics = settings, metrics
+    add_docs(app)
 
     @app.exception_handler(Exception)  # a JSON 500, not Starlette's plain-text page
     async def _internal_error(request: Request, exc: Exception) -> Response:
