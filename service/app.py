@@ -34,6 +34,7 @@ from service.errors import ApiError, Problem, error_body
 from service.gateway import FastRoute, Gateway, header, internal_error, native_error
 from service.metrics import Metrics
 from service.registry import FailedModel, LoadedModel, ModelEntry, ModelSpec, Registry
+from service.schemas import document
 from service.settings import Settings, resolve_device
 from training.summaries import Summary
 
@@ -251,6 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.metrics = settings, metrics
     add_docs(app)
+    document(app)
 
     @app.exception_handler(Exception)  # a JSON 500, not Starlette's plain-text page
     async def _internal_error(request: Request, exc: Exception) -> Response:
