@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,20 +70,66 @@ class PredictRequest:
     timeout_s: float | None = None  # the client's deadline, if it set one (it only shortens)
 
 
-def load_json(body: bytes) -> object:
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice (which value is meant is anyone's guess)."""
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(key)
+        found[key] = value
+    return found
+
+
+def _duplicate(key: str) -> ApiError:
+    message = f"the key {key!r} appears twice in one JSON object: which value is meant?"
+    return ApiError.single(422, "duplicate_key", message)
+
+
+def load_json(body: bytes, count_keys: Callable[[object], int] | None = None) -> object:
     """orjson first; the stdlib parser second, because orjson refuses NaN and Infinity
     tokens (and numbers past the double range) as syntax errors, while they deserve a 422
-    that names the instance and feature that holds them."""
+    that names the instance and feature that holds them.
+
+    orjson keeps the last of repeated keys without a word. Every key in a JSON text is
+    followed by a colon, and only a string can hold another, so when the body's colons
+    outnumber the keys `count_keys` finds in what was parsed (a repeat, a colon in a
+    string, or an object it does not look into), the body is read again by a parser that
+    refuses repeats: one byte count on the usual body."""
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         error = exc
+    else:
+        if count_keys is not None and body.count(b":") != count_keys(data):
+            try:
+                json.loads(body, object_pairs_hook=_unique)
+            except _DuplicateKey as duplicate:
+                raise _duplicate(duplicate.args[0]) from None
+        return data
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_unique)
+    except _DuplicateKey as duplicate:
+        raise _duplicate(duplicate.args[0]) from None
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
         raise ApiError.single(
             400, "invalid_json", f"request body is not valid JSON: {error}"
         ) from None
+
+
+def _native_keys(data: object) -> int:
+    """The keys of a native body's top object, its parameters and rows keyed by name."""
+    if not isinstance(data, dict):
+        return 0
+    count = len(data)
+    parameters, instances = data.get("parameters"), data.get("instances")
+    if isinstance(parameters, dict):
+        count += len(parameters)
+    if isinstance(instances, list) and instances and isinstance(instances[0], dict):
+        count += sum(len(row) for row in instances if isinstance(row, dict))
+    return count
 
 
 def describe(value: object) -> str:
@@ -129,7 +175,7 @@ def parse_predict(
 ) -> PredictRequest:
     """Validate the body of a :predict, :sample or :acquire request (`verb`) against `spec`;
     raises ApiError (400 / 422) listing problems."""
-    data = load_json(body)
+    data = load_json(body, _native_keys)
     if not isinstance(data, dict):
         raise ApiError.single(
             422,

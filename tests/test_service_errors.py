@@ -214,3 +214,27 @@ def test_unexpected_exception_on_another_route_is_a_json_500(
         response = live.get("/v1/models/reg")
     assert response.status_code == 500
     assert error_of(response)["code"] == "internal_error"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (b'{"instances": [[1, 2, 3]], "instances": [[4, 5, 6]]}', "instances"),
+        (b'{"instances": [[1, 2, 3]], "parameters": {"seed": 1, "seed": 2}}', "seed"),
+        (b'{"instances": [{"a": 1, "b": 2, "c": 3, "a": 4}]}', "a"),
+        (b'{"instances": [[1, NaN, 3]], "parameters": {"num_samples": 5, "num_samples": 6}}',
+         "num_samples"),
+    ],
+)  # fmt: skip
+def test_a_key_given_twice_is_422_naming_it(client: Client, raw: bytes, key: str) -> None:
+    """orjson would keep the last value without a word; which one the client meant is not
+    for the server to guess."""
+    response = client.post(URL, content=raw)
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["code"] == "duplicate_key" and repr(key) in error["message"]
+
+
+def test_rows_keyed_by_feature_name_still_parse(client: Client) -> None:
+    raw = b'{"instances": [{"a": 1, "b": 2, "c": 3}, {"c": 0, "b": 1, "a": 2}]}'
+    assert client.post(URL, content=raw).status_code == 200
