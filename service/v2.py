@@ -154,10 +154,29 @@ def split_body(body: bytes, length: bytes | None) -> tuple[bytes, memoryview]:
     return body[:n], memoryview(body)[n:]
 
 
+def _keys(data: object) -> int:
+    """The keys of an infer header's objects: its own, its parameters, and each tensor's
+    and its parameters (service.protocol.load_json counts them against the colons)."""
+
+    def of(item: object) -> int:
+        if not isinstance(item, dict):
+            return 0
+        parameters = item.get("parameters")
+        return len(item) + (len(parameters) if isinstance(parameters, dict) else 0)
+
+    count = of(data)
+    if isinstance(data, dict):
+        for key in ("inputs", "outputs"):
+            tensors = data.get(key)
+            if isinstance(tensors, list):
+                count += sum(of(tensor) for tensor in tensors)
+    return count
+
+
 def decode(body: bytes, length: bytes | None, spec: ModelSpec, max_instances: int) -> InferRequest:
     """Validate an infer body against `spec`; raises ApiError (400) saying what is wrong."""
     header, binary = split_body(body, length)
-    data = load_json(header)
+    data = load_json(header, _keys)
     if not isinstance(data, dict):
         raise bad(f"the body must be a JSON object with {list(TOP_LEVEL)}, got {describe(data)}")
     problems = []

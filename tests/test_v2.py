@@ -363,3 +363,20 @@ def test_ood_flags_are_outputs_where_the_checkpoint_has_a_reference(tmp_path: Pa
 def test_without_a_reference_there_are_no_ood_outputs(http: httpx.Client) -> None:
     response = http.post("/v2/models/reg/infer", json=infer_body(outputs=[{"name": "ood"}]))
     assert response.status_code == 400 and "unknown output" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (b'{"inputs": [], "inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", '
+         b'"data": [0, 1, 2]}]}', "inputs"),
+        (b'{"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "datatype": '
+         b'"FP64", "data": [0, 1, 2]}]}', "datatype"),
+        (b'{"parameters": {"seed": 1, "seed": 2}, "inputs": [{"name": "input", "shape": '
+         b'[1, 3], "datatype": "FP32", "data": [0, 1, 2]}]}', "seed"),
+    ],
+)  # fmt: skip
+def test_a_key_given_twice_is_a_400_naming_it(http: httpx.Client, raw: bytes, key: str) -> None:
+    response = http.post("/v2/models/reg/infer", content=raw)
+    assert response.status_code == 400
+    assert f"the key {key!r} appears twice" in response.json()["error"]
