@@ -360,10 +360,9 @@ class Batcher:
         return outcomes
 
     def _count_ood(self, summary: Summary) -> None:
-        """Count the group's OOD flags, whichever protocols answer its requests (each
-        protocol that serves the flags assesses them again: a few array ops per group)."""
-        ood = self.loaded.spec.ood
-        if ood is not None and (flagged := sum(ood.assess(summary)[1])):
+        """Count the group's OOD flags (service.workers.summarize_batch made them), whichever
+        protocols answer its requests."""
+        if "ood" in summary and (flagged := int(summary["ood"].sum())):
             self.ood_predictions.inc(flagged)
 
     def _observe_uncertainty(self, summary: Summary) -> None:

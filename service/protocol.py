@@ -495,11 +495,11 @@ def predictions(spec: ModelSpec, summary: Summary, levels: Sequence[float]) -> l
     Built for all the rows of a batch at once (one `tolist` per field, not one per request
     and field): each request then takes its slice of plain Python objects.
     """
-    rows = summary["mean" if spec.task == "regression" else "probabilities"].shape[0]
-    if spec.ood is None:  # a checkpoint without in-distribution reference scores
-        ood: tuple[list, list] = ([None] * rows, [None] * rows)
-    else:
-        ood = spec.ood.assess(summary)
+    if "ood" in summary:  # service.workers.summarize_batch added the flags
+        ood: tuple[list, list] = (summary["ood_score"].tolist(), summary["ood"].tolist())
+    else:  # a checkpoint without in-distribution reference scores
+        rows = summary["mean" if spec.task == "regression" else "probabilities"].shape[0]
+        ood = ([None] * rows, [None] * rows)
     if spec.task == "regression":
         return _regression(summary, levels, method_name(spec.calibration), ood)
     return _classification(summary, levels, spec.output_names, ood)

@@ -478,10 +478,6 @@ class Columns:
         if "predicted_class" in self.arrays:
             labels = np.array(spec.output_names, dtype=object)
             self.arrays["predicted_label"] = labels[self.arrays["predicted_class"]]
-        if spec.ood is not None:
-            scores, flags = spec.ood.assess(summary)
-            self.arrays["ood_score"] = np.asarray(scores, dtype=np.float64)
-            self.arrays["ood"] = np.asarray(flags, dtype=bool)
         self.lists: dict[str, list[list]] = {}
         self.json_only: dict[tuple[tuple[str, bool], ...], list[tuple]] = {}
         self.tensors = output_tensors(spec)

@@ -61,7 +61,12 @@ def summarize_batch(
             summaries.append(per_draw(spec.task, draws))
         else:  # the spec's calibration (if any) is applied here
             summaries.append(summarize(spec.task, draws, levels, spec.calibration))
-    return to_host(summaries, device)
+    summaries = to_host(summaries, device)
+    if spec.ood is not None:  # once per group, for the metrics and every protocol
+        for (_, levels, _, _), summary in zip(groups, summaries, strict=True):
+            if levels is not None:
+                summary.update(spec.ood.fields(summary))
+    return summaries
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

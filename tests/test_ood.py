@@ -27,9 +27,9 @@ def test_scores_are_levels_among_the_reference_rows_and_flags_pass_its_quantile(
     assert (entry["rows"], entry["num_samples"], entry["fpr"]) == (100, 10, 0.05)
     reference = ood.OodReference.parse(entry, "classification")
     probe = {"mutual_information": torch.tensor([0.0, 0.495, 0.94, 0.95, 5.0])}
-    scores, flags = reference.assess(probe)
-    np.testing.assert_allclose(scores, [0.0, 0.5, 0.9495, 0.9596, 1.0], atol=1e-3)
-    assert flags == [False, False, False, True, True]
+    fields = reference.fields(probe)
+    np.testing.assert_allclose(fields["ood_score"], [0.0, 0.5, 0.9495, 0.9596, 1.0], atol=1e-3)
+    assert fields["ood"].tolist() == [False, False, False, True, True]
 
 
 def test_a_regressors_score_is_its_epistemic_std_averaged_over_targets():

@@ -83,8 +83,10 @@ class OodReference:
             raise ValueError("ood.quantiles, threshold and fpr must be finite, fpr in (0, 1)")
         return cls(task, fpr, threshold, levels, quantiles)
 
-    def assess(self, summary: Summary) -> tuple[list[float], list[bool]]:
-        """Each row's ood_score (its score's level among the in-distribution rows) and flag."""
+    def fields(self, summary: Summary) -> Summary:
+        """A batch's summary fields `ood_score` (each row's score's level among the
+        in-distribution rows) and `ood` (its flag), [B] each."""
         scores = epistemic_score(self.task, summary).double().cpu().numpy()
         levels = np.interp(scores, self.quantiles, self.levels)
-        return levels.tolist(), (scores > self.threshold).tolist()
+        flags = scores > self.threshold
+        return {"ood_score": torch.from_numpy(levels), "ood": torch.from_numpy(flags)}
