@@ -30,9 +30,7 @@ def test_stacked_members_do_not_interact():
     model = _ensemble(3)
     grads = _member_gradients(model, x, y)
     alone = _ensemble(1)
-    alone.load_members(
-        [w[:1].detach() for w in model.weights], [b[:1].detach() for b in model.biases]
-    )
+    alone.load_members([p[:1].detach() for p in model.body_parameters()])
     for full, single in zip(grads, _member_gradients(alone, x, y), strict=True):
         torch.testing.assert_close(full[:1], single)
     with torch.no_grad():

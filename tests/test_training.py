@@ -245,6 +245,7 @@ def test_cli_rejects_bad_options(args, message, capsys, tmp_path):
 def test_cli_takes_a_new_method_without_changes(monkeypatch, tmp_path, capsys):
     """A method plugs in by registering a class: its flags appear, other methods refuse them."""
     from training.methods import METHODS, MCDropout
+    from training.model import model_type
 
     class Wider(MCDropout):
         name = "wider"
@@ -255,9 +256,10 @@ def test_cli_takes_a_new_method_without_changes(monkeypatch, tmp_path, capsys):
         def add_arguments(cls, group) -> None:
             group.add_argument("--width-factor", type=int, help="multiplies --hidden")
 
-        def build(self, in_features, hidden, activation, likelihood, stats):
-            wide = [h * self.options["width_factor"] for h in hidden]
-            return super().build(in_features, wide, activation, likelihood, stats)
+        def build(self, arch, likelihood, stats):
+            wide = [h * self.options["width_factor"] for h in arch["hidden"]]
+            arch = {**arch, **self.arch_options(arch), "hidden": wide}
+            return model_type("mc_dropout", arch)(arch, likelihood, stats)
 
     monkeypatch.setitem(METHODS, "wider", Wider)
     base = ["--data=toy:sine-gap", "--epochs=2", "--hidden=4", f"--out={tmp_path}", "--quiet"]

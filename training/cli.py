@@ -3,6 +3,7 @@
     credence-train --data toy:sine-gap
     credence-train --data houses.csv --target price --out models --name houses
     credence-train --data ../shared/data/uci/yacht --split 0
+    credence-train --data fashion-mnist --arch cnn
 
 Only --data is required: the defaults (architecture, step budget, early stopping, learned
 noise) are chosen to give a good model on small tabular data without tuning. The method's
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from training.architectures import ARCHITECTURES
 from training.calibration import CHOICES as CALIBRATION_CHOICES
 from training.checkpoint import NAME_PATTERN, save_checkpoint
 from training.data import TASKS, TOY_PREFIX, TOYS, DataError, load_data, slug
@@ -26,7 +28,6 @@ from training.likelihoods import NOISE_KINDS
 from training.methods import METHODS
 from training.onnx_export import EXPORTABLE_METHODS, ExportError, check_exportable, export_files
 from training.train import (
-    DEFAULT_HIDDEN,
     DEFAULT_VAL_FRACTION,
     EVAL_SAMPLES,
     MIN_ROWS,
@@ -132,12 +133,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=sorted(METHODS), default="mc_dropout", help="posterior approximation"
     )
     model.add_argument(
+        "--arch",
+        choices=sorted(ARCHITECTURES),
+        default="mlp",
+        help="network body: mlp for vectors, cnn for images, lstm or gru for sequences",
+    )
+    defaults = "; ".join(
+        f"{a.name} {' '.join(map(str, a.defaults['hidden'])) or 'none'}"
+        for a in ARCHITECTURES.values()
+    )
+    model.add_argument(
         "--hidden",
         type=_positive_int,
         nargs="+",
-        default=list(DEFAULT_HIDDEN),
         metavar="UNITS",
-        help="hidden layer widths (default: %(default)s)",
+        help=f"dense hidden layer widths (default: {defaults})",
+    )
+    model.add_argument(
+        "--conv",
+        type=_positive_int,
+        nargs="+",
+        metavar="CHANNELS",
+        help="cnn: channels of each conv block (default: "
+        f"{' '.join(map(str, ARCHITECTURES['cnn'].defaults['conv']))})",
+    )
+    model.add_argument(
+        "--kernel-size",
+        type=_positive_int,
+        metavar="K",
+        help=f"cnn: kernel size (default: {ARCHITECTURES['cnn'].defaults['kernel_size']})",
+    )
+    model.add_argument(
+        "--recurrent",
+        type=_positive_int,
+        nargs="+",
+        metavar="UNITS",
+        help="lstm, gru: state sizes of the recurrent layers (default: "
+        f"{' '.join(map(str, ARCHITECTURES['lstm'].defaults['recurrent']))})",
     )
     model.add_argument(
         "--activation", choices=("relu", "tanh", "gelu"), default="relu", help="hidden units"
@@ -291,9 +323,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibration = None
     if len(train) < MIN_ROWS:
         parser.error(f"{args.data}: {len(train)} training rows; need at least {MIN_ROWS}")
+    arch_options = {
+        key: value
+        for key, value in (
+            ("conv", args.conv),
+            ("kernel_size", args.kernel_size),
+            ("recurrent", args.recurrent),
+        )
+        if value is not None
+    }
+    unused = sorted(set(arch_options) - set(ARCHITECTURES[args.arch].defaults))
+    if unused:
+        flags = ", ".join("--" + key.replace("_", "-") for key in unused)
+        parser.error(f"{flags} do not apply to --arch {args.arch}")
+    shape = list(train.input_shape)
+    if len(shape) != ARCHITECTURES[args.arch].input_rank:
+        suggestion = {1: "mlp", 2: "lstm or gru", 3: "cnn"}.get(len(shape), "none")
+        parser.error(
+            f"--arch {args.arch} takes inputs of rank {ARCHITECTURES[args.arch].input_rank}; "
+            f"{args.data}'s are {shape} (use --arch {suggestion})"
+        )
     if args.export_onnx:
         try:
-            check_exportable(args.method)
+            check_exportable(args.method, args.arch)
         except ExportError as exc:
             parser.error(f"--export-onnx: {exc}")
     try:  # the method checks its own options (ranges, combinations) before any training
@@ -311,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     log(
-        f"credence-train: {args.data}: {len(train)} training rows, {train.num_features} "
-        f"features, {train.task} ({', '.join(train.output_names[:10])}"
+        f"credence-train: {args.data}: {len(train)} training rows of shape {shape}, "
+        f"{train.task} ({', '.join(train.output_names[:10])}"
         f"{', ...' if train.num_outputs > 10 else ''})"
         + (f"; {len(loaded.test)} test rows" if loaded.test is not None else "")
     )
@@ -322,8 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded.test,
         method=args.method,
         method_options=options_of_method,
+        arch=args.arch,
         hidden=args.hidden,
         activation=args.activation,
+        arch_options=arch_options,
         noise=args.noise if train.task == "regression" else "homoscedastic",
         tau=args.tau,
         val_fraction=args.val_fraction,

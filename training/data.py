@@ -39,8 +39,8 @@ class Dataset:
         if self.task not in TASKS:
             raise DataError(f"task must be one of {TASKS}, got {self.task!r}")
         self.x = np.asarray(self.x, dtype=np.float32)
-        if self.x.ndim != 2:
-            raise DataError(f"inputs must be a matrix [N, D], got shape {self.x.shape}")
+        if self.x.ndim < 2:
+            raise DataError(f"inputs must be [N, *input_shape], got shape {self.x.shape}")
         if self.task == "regression":
             self.y = np.asarray(self.y, dtype=np.float32)
             if self.y.ndim == 1:
@@ -49,7 +49,9 @@ class Dataset:
             self.y = np.asarray(self.y, dtype=np.int64)
         if len(self.y) != len(self.x):
             raise DataError(f"{len(self.x)} input rows but {len(self.y)} targets")
-        if len(self.feature_names) != self.x.shape[1]:
+        if self.x.ndim > 2 and self.feature_names:
+            raise DataError("feature names apply to vector inputs [N, D] only")
+        if self.x.ndim == 2 and len(self.feature_names) != self.x.shape[1]:
             raise DataError(
                 f"{len(self.feature_names)} feature names for {self.x.shape[1]} input columns"
             )
@@ -60,6 +62,11 @@ class Dataset:
     @property
     def num_features(self) -> int:
         return self.x.shape[1]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One row's shape: [D] for vectors, [C, H, W] for images, [T, F] for sequences."""
+        return tuple(self.x.shape[1:])
 
     @property
     def num_outputs(self) -> int:
@@ -301,7 +308,9 @@ def load_data(
     split: int | None = None,
     task: str | None = None,
 ) -> LoadedData:
-    """Load `spec`: `toy:NAME`, a UCI folder, or a CSV file; `task` overrides the inferred one."""
+    """Load `spec`: `toy:NAME`, an image set (training.images), a UCI folder, a folder of
+    class folders of images, or a CSV file; `task` overrides the inferred one."""
+    from training import images
     if task is not None and task not in TASKS:
         raise DataError(f"task must be one of {TASKS}, got {task!r}")
     if spec.startswith(TOY_PREFIX):
@@ -312,11 +321,19 @@ def load_data(
             raise DataError(f"{spec} is a {loaded.train.task} problem, not {task}")
         return loaded
     path = Path(spec)
+    if spec in images.IMAGE_SETS or (path.is_dir() and images.is_image_folder(path)):
+        if target is not None or split is not None:
+            raise DataError("--target and --split do not apply to image data")
+        if task not in (None, "classification"):
+            raise DataError(f"{spec} is a classification problem, not {task}")
+        if spec in images.IMAGE_SETS:
+            return images.IMAGE_SETS[spec]()
+        return images.load_image_folder(path)
     if path.is_dir():
         if not is_uci_folder(path):
             raise DataError(
                 f"{path}: a folder must be in the UCI format ({', '.join(UCI_FILES)}, "
-                "index_train_K.txt, index_test_K.txt)"
+                "index_train_K.txt, index_test_K.txt) or hold one folder of images per class"
             )
         if target is not None:
             raise DataError("--target does not apply to a UCI folder (index_target.txt names it)")
@@ -325,8 +342,9 @@ def load_data(
         raise DataError("--split applies only to UCI folders")
     if not path.exists():
         raise DataError(
-            f"{spec}: no such file or folder (expected a CSV file, a UCI folder, or one of "
-            f"{', '.join(TOY_PREFIX + t for t in TOYS)})"
+            f"{spec}: no such file or folder (expected a CSV file, a UCI folder, a folder of "
+            f"image folders, one of {', '.join(TOY_PREFIX + t for t in TOYS)}, or an image set: "
+            f"{', '.join(images.IMAGE_SETS)})"
         )
     return load_csv(path, target, task)
 

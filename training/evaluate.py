@@ -45,10 +45,10 @@ def check_compatible(checkpoint: Checkpoint, data: Dataset) -> None:
     manifest = checkpoint.manifest
     if manifest["task"] != data.task:
         raise DataError(f"the model is a {manifest['task']} model; the data is {data.task}")
-    if manifest["input"]["shape"] != [data.num_features]:
+    if manifest["input"]["shape"] != list(data.input_shape):
         raise DataError(
             f"the model takes inputs of shape {manifest['input']['shape']}; "
-            f"the data has {data.num_features} features"
+            f"the data's are {list(data.input_shape)}"
         )
     names = manifest["output"]["names"]
     if data.task == "classification" and names != list(data.output_names):

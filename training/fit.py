@@ -36,14 +36,22 @@ MIN_STD = 1e-8  # a constant column is centred but not scaled (std guarded to 1)
 
 
 def standardization(data: Dataset) -> dict[str, list[float]]:
-    """Normalizer statistics (model.Normalizer keys) from the rows the model is fit on."""
+    """Normalizer statistics (model.Normalizer keys) from the rows the model is fit on: per
+    input feature, or per channel (images) and per feature (sequences), shaped to broadcast."""
 
     def guarded_std(values: np.ndarray) -> np.ndarray:
         std = values.std(axis=0)
         return np.where(std > MIN_STD, std, 1.0)
 
     x = data.x.astype(np.float64)
-    stats = {"x_mean": x.mean(axis=0).tolist(), "x_std": guarded_std(x).tolist()}
+    if x.ndim == 2:
+        stats = {"x_mean": x.mean(axis=0).tolist(), "x_std": guarded_std(x).tolist()}
+    else:  # per channel of an image [N, C, H, W], per feature of a sequence [N, T, F]
+        feature_axis = 1 if x.ndim == 4 else x.ndim - 1
+        axes = tuple(a for a in range(x.ndim) if a != feature_axis)
+        mean = x.mean(axis=axes, keepdims=True)[0]
+        std = np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True))[0]
+        stats = {"x_mean": mean.tolist(), "x_std": np.where(std > MIN_STD, std, 1.0).tolist()}
     if data.task == "regression":
         y = data.y.astype(np.float64)
         stats |= {"y_mean": y.mean(axis=0).tolist(), "y_std": guarded_std(y).tolist()}

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from training.data import Dataset
 from training.fit import FitOptions, FitResult, fit
-from training.model import MCDropoutMLP, PosteriorModel
+from training.model import PosteriorModel, model_type
 
 
 class Method:
@@ -39,10 +39,14 @@ class Method:
             raise ValueError(f"{self.name} takes no options {sorted(unknown)}")
         self.options = {**self.defaults, **options}
 
-    def build(
-        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
-    ) -> PosteriorModel:
-        raise NotImplementedError
+    def build(self, arch: dict, likelihood: dict, stats: dict) -> PosteriorModel:
+        """The model of this method on the architecture `arch` (training.architectures)."""
+        arch = {**arch, **self.arch_options(arch)}
+        return model_type(self.name, arch)(arch, likelihood, stats)
+
+    def arch_options(self, arch: dict) -> dict[str, Any]:
+        """What the method adds to the architecture config (its model's arch keys)."""
+        return {}
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
@@ -91,18 +95,9 @@ class MCDropout(Method):
         if self.options["prior_lengthscale"] < 0:
             raise ValueError("the prior length-scale must be >= 0")
 
-    def build(
-        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
-    ) -> PosteriorModel:
-        arch = {
-            "in_features": in_features,
-            "hidden": list(hidden),
-            "activation": activation,
-            "dropout": self.options["dropout"],
-            "input_dropout": self.options["input_dropout"],
-            "prior_lengthscale": self.options["prior_lengthscale"],
-        }
-        return MCDropoutMLP(arch, likelihood, stats)
+    def arch_options(self, arch: dict) -> dict[str, Any]:
+        keys = ("dropout", "input_dropout", "prior_lengthscale")
+        return {key: self.options[key] for key in keys}
 
 
 METHODS: dict[str, type[Method]] = {MCDropout.name: MCDropout}

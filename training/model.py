@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import rng, segments
+from training.architectures import arch_name
 from training.likelihoods import CategoricalHead, GaussianHead, build_head
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 
@@ -408,7 +409,10 @@ def _dropout(h: torch.Tensor, keys: torch.Tensor, keep: float) -> torch.Tensor:
     return bits.to(word).bitwise_and_(h.view(word)).view(h.dtype)
 
 
-MODEL_TYPES: dict[str, type[PosteriorModel]] = {MCDropoutMLP.method: MCDropoutMLP}
+# Each method's model on any body of the architecture registry, and the fast paths that
+# replace it for one architecture (tested equal to it); both filled as the methods import.
+MODEL_TYPES: dict[str, type[PosteriorModel]] = {}
+FAST_PATHS: dict[tuple[str, str], type[PosteriorModel]] = {("mc_dropout", "mlp"): MCDropoutMLP}
 
 
 def draws_used(n: int, set_size: int | None) -> int:
@@ -417,18 +421,48 @@ def draws_used(n: int, set_size: int | None) -> int:
     return n if set_size is None else min(n, set_size)
 
 
-def build_model(config: dict, normalization: dict) -> PosteriorModel:
-    """Rebuild a model from its manifest config alone (no code from the training run)."""
-    method = config.get("method")
+def model_type(method: str, arch: dict) -> type[PosteriorModel]:
     if method not in MODEL_TYPES:
         raise ValueError(f"unknown method {method!r}; known: {sorted(MODEL_TYPES)}")
-    return MODEL_TYPES[method](config["arch"], config["likelihood"], normalization)
+    return FAST_PATHS.get((method, arch_name(arch)), MODEL_TYPES[method])
 
 
-__all__ = ["MODEL_TYPES", "CategoricalHead", "GaussianHead", "PosteriorModel", "build_model"]
+def build_model(config: dict, normalization: dict) -> PosteriorModel:
+    """Rebuild a model from its manifest config alone (no code from the training run)."""
+    arch = config.get("arch") or {}
+    return model_type(config.get("method"), arch)(arch, config["likelihood"], normalization)
 
-# The other methods' model classes subclass PosteriorModel and add themselves to MODEL_TYPES
-# when imported, so they are imported last.
-import training.posteriors.laplace  # noqa: E402
-import training.posteriors.stacked  # noqa: E402
-import training.posteriors.variational  # noqa: E402, F401
+
+__all__ = [
+    "FAST_PATHS",
+    "MODEL_TYPES",
+    "CategoricalHead",
+    "GaussianHead",
+    "PosteriorModel",
+    "build_model",
+    "model_type",
+]
+
+# The methods' model classes subclass PosteriorModel, so they are imported (and registered) last.
+from training.posteriors import dropout, laplace, stacked, variational  # noqa: E402
+
+MODEL_TYPES.update(
+    {
+        "mc_dropout": dropout.DropoutNet,
+        "variational": variational.VariationalBody,
+        "ensemble": stacked.EnsembleNet,
+        "sgld": stacked.SGLDNet,
+        "sghmc": stacked.SGHMCNet,
+        "laplace": laplace.LaplaceNet,
+    }
+)
+FAST_PATHS.update(
+    {
+        ("variational", "mlp"): variational.VariationalNet,
+        ("variational", "cnn"): variational.VariationalNet,
+        ("ensemble", "mlp"): stacked.DeepEnsemble,
+        ("sgld", "mlp"): stacked.SGLDSamples,
+        ("sghmc", "mlp"): stacked.SGHMCSamples,
+        ("laplace", "mlp"): laplace.LastLayerLaplace,
+    }
+)

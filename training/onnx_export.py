@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from training.checkpoint import ONNX, Checkpoint, CheckpointError, add_files
 from training.evaluate import load_model_path  # the MODEL_DIR/NAME[/VERSION] rule of -eval
 from training.likelihoods import MIN_VARIANCE, GaussianHead
+from training.architectures import arch_name
 from training.model import MCDropoutMLP, PosteriorModel
 from training.posteriors.stacked import DeepEnsemble, SGHMCSamples, SGLDSamples, StackedMLP
 
@@ -255,8 +256,12 @@ BODIES: dict[type[PosteriorModel], Body] = {
 EXPORTABLE_METHODS = tuple(sorted(cls.method for cls in BODIES))
 
 
-def check_exportable(method: str) -> None:
-    """Raise ExportError unless `method` has an ONNX exporter."""
+def check_exportable(method: str, arch: str = "mlp") -> None:
+    """Raise ExportError unless `method` on `arch` has an ONNX exporter."""
+    if arch != "mlp":
+        raise ExportError(
+            f"ONNX export covers MLPs, not a {arch}; serve it with the torch backend"
+        )
     if method not in EXPORTABLE_METHODS:
         raise ExportError(
             f"method {method!r} cannot be exported to ONNX; the methods that export are "
@@ -299,7 +304,7 @@ def build_graph(model: PosteriorModel) -> onnx.ModelProto:
     """The ONNX graph of `model.sample` (see the module docstring for its inputs/output)."""
     body = BODIES.get(type(model))
     if body is None:
-        check_exportable(model.method)
+        check_exportable(model.method, arch_name(model.arch))
         raise ExportError(f"no ONNX exporter for {type(model).__name__}")
     g = Graph()
     norm = model.normalizer
@@ -375,7 +380,7 @@ def verify(model: PosteriorModel, data: bytes, rows: int = 16, n: int = 8) -> No
 
 def export_files(model: PosteriorModel) -> tuple[dict[str, bytes], dict]:
     """({model.onnx: bytes}, manifest keys): what both entry points add to a checkpoint."""
-    check_exportable(model.method)
+    check_exportable(model.method, arch_name(model.arch))
     data = build_graph(model).SerializeToString()
     verify(model, data)
     info = {
@@ -391,7 +396,8 @@ def export_files(model: PosteriorModel) -> tuple[dict[str, bytes], dict]:
 
 def export_checkpoint(checkpoint: Checkpoint) -> Path:
     """Write model.onnx into a verified checkpoint's folder; returns the file's path."""
-    check_exportable(checkpoint.manifest.get("method", "?"))
+    model = checkpoint.manifest.get("model") or {}
+    check_exportable(checkpoint.manifest.get("method", "?"), arch_name(model.get("arch") or {}))
     files, manifest = export_files(checkpoint.build("cpu"))
     add_files(checkpoint.path, files, manifest)
     return checkpoint.path / ONNX

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from training import ood
+from training.architectures import arch_config
 from training.calibration import METHODS as CALIBRATION_METHODS
 from training.calibration import fit_calibration, summarize
 from training.checkpoint import save_checkpoint
@@ -35,7 +36,6 @@ from training.methods import get_method
 from training.metrics import metrics_from_draws, sample_draws, uncertainty_stats
 from training.model import PosteriorModel, draws_used
 
-DEFAULT_HIDDEN = (100, 100)
 DEFAULT_VAL_FRACTION = 0.2
 EVAL_SAMPLES = 100
 MIN_ROWS = 4  # two to fit on and two to validate on, at the least
@@ -93,8 +93,10 @@ def train_model(
     *,
     method: str = "mc_dropout",
     method_options: dict[str, Any] | None = None,
-    hidden: tuple[int, ...] | list[int] = DEFAULT_HIDDEN,
+    arch: str = "mlp",
+    hidden: tuple[int, ...] | list[int] | None = None,
     activation: str = "relu",
+    arch_options: dict[str, Any] | None = None,
     noise: str = "homoscedastic",
     tau: float | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
@@ -103,7 +105,9 @@ def train_model(
     noise_refit: bool = True,
     calibration: str | None = None,
 ) -> TrainResult:
-    """Fit `method` on `train` and evaluate; `options.seed` fixes split, init and dropout.
+    """Fit `method` on architecture `arch` (training.architectures: None for `hidden` or
+    in `arch_options` keeps its default) on `train` and evaluate; `options.seed` fixes split,
+    init and dropout.
 
     `calibration` (regression only: "variance", "isotonic", "conformal" or None) is fitted on
     the validation rows' draws after the noise refit. Those rows also chose the best epoch and
@@ -125,6 +129,9 @@ def train_model(
     if train.task == "classification" and train.num_outputs < 2:
         raise ValueError("classification needs at least two classes")
     approximation = get_method(method, **(method_options or {}))
+    architecture = arch_config(
+        arch, train.input_shape, hidden, activation, **(arch_options or {})
+    )
     fit_rows, val_rows = holdout_split(len(train), val_fraction, options.seed)
     fit_set = train.subset(fit_rows)
     val_set = train.subset(val_rows) if len(val_rows) else None
@@ -132,7 +139,7 @@ def train_model(
     likelihood = likelihood_config(train, stats, noise, tau)
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout; caller's RNG untouched
         torch.manual_seed(options.seed)
-        model = approximation.build(train.num_features, list(hidden), activation, likelihood, stats)
+        model = approximation.build(architecture, likelihood, stats)
         result = approximation.train(model, fit_set, val_set, options)
     eval_samples = draws_used(eval_samples, model.set_size)
     metrics: dict[str, dict] = {}
@@ -161,8 +168,7 @@ def train_model(
     config = {
         "method": method,
         "method_options": approximation.options,
-        "hidden": list(hidden),
-        "activation": activation,
+        "arch": architecture,
         "noise": noise if train.task == "regression" else None,
         "tau": tau,
         "val_fraction": val_fraction,
@@ -194,9 +200,9 @@ def build_manifest(
     """The caller-supplied manifest keys (see training.checkpoint) for a trained model."""
     return {
         "input": {
-            "shape": [data.num_features],
+            "shape": list(data.input_shape),
             "dtype": "float32",
-            "feature_names": list(data.feature_names),
+            "feature_names": list(data.feature_names) if data.x.ndim == 2 else None,
         },
         "output": {"names": list(data.output_names)},
         "num_samples": sample_limits(result.model, num_samples),

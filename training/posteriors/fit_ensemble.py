@@ -13,11 +13,11 @@ import torch
 from training.data import Dataset
 from training.fit import FitOptions, FitResult, Terms, fit
 from training.model import PosteriorModel
-from training.posteriors.stacked import StackedMLP
+from training.posteriors.stacked import Stacked
 
 
 def fit_ensemble(
-    model: StackedMLP, train: Dataset, val: Dataset | None, options: FitOptions
+    model: Stacked, train: Dataset, val: Dataset | None, options: FitOptions
 ) -> FitResult:
     """Fit every member in place; early-stops on the ensemble's validation predictive."""
     n = len(train)

@@ -37,7 +37,7 @@ from training.fit import (
     validation_log_likelihood,
 )
 from training.posteriors.fit_ensemble import fit_ensemble
-from training.posteriors.stacked import StackedMLP
+from training.posteriors.stacked import Stacked
 
 SAMPLERS = ("sgld", "sghmc")
 
@@ -139,7 +139,7 @@ def _draw_order(kept: list[list[torch.Tensor]], cycles_kept: int) -> list[torch.
 
 
 def fit_sgmcmc(
-    model: StackedMLP,
+    model: Stacked,
     train: Dataset,
     val: Dataset | None,
     options: FitOptions,
@@ -200,7 +200,7 @@ def fit_sgmcmc(
                     )
                 nll_per_epoch.append(total / n)
         stacked = _draw_order(kept, settings.cycles - settings.burnin_cycles)
-        model.load_members(stacked[: len(model.weights)], stacked[len(model.weights) :])
+        model.load_members(stacked)
         model.head.load_state_dict(chain.head.state_dict())
         model.eval()
         val_ll = validation_log_likelihood(model, val, model.members, options.seed) if val else None

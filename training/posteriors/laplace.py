@@ -27,7 +27,8 @@ from torch import nn
 
 from training import rng, segments
 from training.likelihoods import GaussianHead
-from training.model import MODEL_TYPES, PosteriorModel
+from training.architectures import build_body
+from training.model import PosteriorModel
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 from training.priors import DEFAULT_PRIOR, parse_prior
 
@@ -48,15 +49,13 @@ class LastLayerLaplace(PosteriorModel):
         self.arch["prior"] = self.prior.spec
         self.activation_name = arch.get("activation", "relu")
         self.activation = ACTIVATIONS[self.activation_name]
-        widths = [arch["in_features"], *arch.get("hidden", [])]
-        self.body = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
-        self.last = nn.Linear(widths[-1], self.head.raw_features)
+        width = self._network(arch)
         # Outputs under the Laplace posterior: Gaussian means (not a heteroscedastic head's
         # variance outputs, which stay at their MAP values) or the class logits.
         self.outputs = (
             self.head.num_targets if isinstance(self.head, GaussianHead) else self.head.raw_features
         )
-        k, p = self.outputs, widths[-1] + 1
+        k, p = self.outputs, width + 1
         if self.structure == "full":
             self.register_buffer("factor", torch.zeros(k * p, k * p))
         else:
@@ -64,6 +63,13 @@ class LastLayerLaplace(PosteriorModel):
             self.register_buffer("right", torch.eye(k))
             self.register_buffer("scale", torch.zeros(k, p))
         self.register_buffer("prior_precision", torch.tensor(1.0))
+
+    def _network(self, arch: dict) -> int:
+        """Build the MAP network (`self.last` its output layer); returns the feature width."""
+        widths = [arch["in_features"], *arch.get("hidden", [])]
+        self.body = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+        self.last = nn.Linear(widths[-1], self.head.raw_features)
+        return widths[-1]
 
     @property
     def num_features(self) -> int:
@@ -85,7 +91,7 @@ class LastLayerLaplace(PosteriorModel):
         return F.linear(self.features(z), self.last_weight())
 
     def penalty(self, num_train: int) -> torch.Tensor:
-        params = [p for m in (*self.body, self.last) for p in m.parameters()]
+        params = [p for name, p in self.named_parameters() if not name.startswith("head.")]
         return -sum((self.prior.log_prob(p).sum() for p in params), torch.zeros(())) / num_train
 
     def weight_covariance(self) -> torch.Tensor:
@@ -141,5 +147,36 @@ class LastLayerLaplace(PosteriorModel):
                 getattr(self, name).copy_(value)
             self.prior_precision.fill_(precision)
 
+    def glm_draws(self, phi: torch.Tensor, n: int, seed: torch.Tensor) -> torch.Tensor:
+        """One request's draws from its features phi [B, P] and its seed (a 1-tensor)."""
+        k, p = self.outputs, self.num_features
+        mean = phi @ self.last_weight().t()
+        eps = rng.normal(rng.draw_keys(seed, n, stream=0)[:, 0], k * p)  # [n, K P]
+        if self.structure != "full":
+            eps = self.scale * eps.unflatten(-1, (k, p))
+        shift = phi @ self._perturbation(eps).transpose(-1, -2)  # [n, B, K]
+        return torch.cat([mean[:, :k] + shift, mean[:, k:].expand(n, -1, -1)], -1)
 
-MODEL_TYPES[LastLayerLaplace.method] = LastLayerLaplace
+
+class LaplaceNet(LastLayerLaplace):
+    """Last-layer Laplace on any body of the architecture registry: its `features` are the
+    body's up to the output layer `last`. Each request's draws are computed on its own.
+
+    arch: an architecture config, structure, prior."""
+
+    def _network(self, arch: dict) -> int:
+        body = build_body(arch, self.head.raw_features)
+        self.net, self.last = body.features, body.last
+        return self.last.in_features
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.net(z)
+        return torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+
+    def request_draws(
+        self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
+    ) -> torch.Tensor:
+        return PosteriorModel.request_draws(self, x, n, seeds, sizes)
+
+    def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        return self.glm_draws(self.features(z), n, seeds[:1])

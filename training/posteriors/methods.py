@@ -16,13 +16,13 @@ from typing import Any, ClassVar
 from training.data import Dataset
 from training.fit import FitOptions, FitResult
 from training.methods import METHODS, Method
-from training.model import PosteriorModel
+from training.architectures import arch_name
+from training.model import PosteriorModel, model_type
 from training.posteriors.fit_ensemble import fit_ensemble
 from training.posteriors.fit_laplace import fit_laplace
 from training.posteriors.fit_sgmcmc import SGMCMCSettings, fit_sgmcmc
 from training.posteriors.fit_variational import fit_variational
-from training.posteriors.laplace import STRUCTURES, LastLayerLaplace
-from training.posteriors.stacked import DeepEnsemble, SGHMCSamples, SGLDSamples
+from training.posteriors.laplace import STRUCTURES
 from training.posteriors.variational import ESTIMATORS, VariationalNet
 from training.priors import DEFAULT_PRIOR, parse_prior
 
@@ -49,9 +49,6 @@ class _PosteriorMethod(Method):
         super().__init__(**{k: v for k, v in options.items() if v is not None})
         if "prior" in self.options:
             self.options["prior"] = parse_prior(self.options["prior"]).spec
-
-    def _arch(self, in_features: int, hidden: list[int], activation: str) -> dict:
-        return {"in_features": in_features, "hidden": list(hidden), "activation": activation}
 
 
 class Variational(_PosteriorMethod):
@@ -80,12 +77,12 @@ class Variational(_PosteriorMethod):
             help="MOPED: start from a deterministic fit with scales D |w| (default: off)",
         )
 
-    def build(
-        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
-    ) -> PosteriorModel:
-        arch = self._arch(in_features, hidden, activation)
-        arch |= {"prior": self.options["prior"], "estimator": self.options["estimator"]}
-        return VariationalNet(arch, likelihood, stats)
+    def arch_options(self, arch: dict) -> dict[str, Any]:
+        if model_type(self.name, arch) is VariationalNet:
+            return {"prior": self.options["prior"], "estimator": self.options["estimator"]}
+        if self.options["moped_delta"] is not None:
+            raise ValueError(f"MOPED starts from a dense network, not a {arch_name(arch)}")
+        return {"prior": self.options["prior"]}
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
@@ -103,12 +100,8 @@ class Ensemble(_PosteriorMethod):
         _declare_prior(group)
         _declare(group, "--members", type=int, metavar="M", help="ensemble size (default: 5)")
 
-    def build(
-        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
-    ) -> PosteriorModel:
-        arch = self._arch(in_features, hidden, activation)
-        arch |= {"members": self.options["members"], "prior": self.options["prior"]}
-        return DeepEnsemble(arch, likelihood, stats)
+    def arch_options(self, arch: dict) -> dict[str, Any]:
+        return {"members": self.options["members"], "prior": self.options["prior"]}
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
@@ -132,7 +125,6 @@ _SGMCMC_FLAGS = {  # setting -> (type, help)
 
 class _SGMCMC(_PosteriorMethod):
     sampler: ClassVar[str]
-    model_type: ClassVar[type[PosteriorModel]]
     step_size: ClassVar[float]
 
     @classmethod
@@ -148,12 +140,8 @@ class _SGMCMC(_PosteriorMethod):
         fields = {k: self.options[k] for k in _SGMCMC_FLAGS}
         self.settings = SGMCMCSettings(sampler=self.sampler, **fields)
 
-    def build(
-        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
-    ) -> PosteriorModel:
-        arch = self._arch(in_features, hidden, activation)
-        arch |= {"members": self.settings.num_samples, "prior": self.options["prior"]}
-        return self.model_type(arch, likelihood, stats)
+    def arch_options(self, arch: dict) -> dict[str, Any]:
+        return {"members": self.settings.num_samples, "prior": self.options["prior"]}
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
@@ -169,14 +157,12 @@ def _sgmcmc_defaults(step_size: float) -> dict[str, Any]:
 class SGLD(_SGMCMC):
     name = sampler = "sgld"
     help = "stochastic-gradient Langevin dynamics, cyclical step size"
-    model_type = SGLDSamples
     defaults: ClassVar[dict[str, Any]] = _sgmcmc_defaults(1e-3)
 
 
 class SGHMC(_SGMCMC):
     name = sampler = "sghmc"
     help = "stochastic-gradient Hamiltonian Monte Carlo, cyclical step size"
-    model_type = SGHMCSamples
     defaults: ClassVar[dict[str, Any]] = _sgmcmc_defaults(1e-4)
 
 
@@ -201,12 +187,8 @@ class Laplace(_PosteriorMethod):
             help="Laplace: last-layer prior precision (default: tuned by the evidence)",
         )
 
-    def build(
-        self, in_features: int, hidden: list[int], activation: str, likelihood: dict, stats: dict
-    ) -> PosteriorModel:
-        arch = self._arch(in_features, hidden, activation)
-        arch |= {"structure": self.options["structure"], "prior": self.options["prior"]}
-        return LastLayerLaplace(arch, likelihood, stats)
+    def arch_options(self, arch: dict) -> dict[str, Any]:
+        return {"structure": self.options["structure"], "prior": self.options["prior"]}
 
     def train(
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions

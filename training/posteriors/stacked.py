@@ -1,10 +1,12 @@
 """Posteriors stored as a finite set of weight draws: deep ensembles and SG-MCMC samples.
 
-The M weight sets of an MLP are stacked tensors ([M, in, out] per layer), so all members
-run in one batched matmul, for training (one optimizer step updates every ensemble member or
-every parallel chain) and for serving. Draw s is member s mod M: a fixed set of draws needs
-no randomness, so every seed gets the same, joint, draws and seed-purity holds trivially.
-A request for more than M draws gets the M (`training.model.draws_used`).
+The M weight sets are stacked tensors, so all members run as one call, for training (one
+optimizer step updates every ensemble member or every parallel chain) and for serving: for
+an MLP one batched matmul per layer ([M, in, out], `StackedMLP`, the fast path), for any body
+of the architecture registry one `torch.func.vmap` of the body over its stacked parameters
+(`StackedNet`). Draw s is member s mod M: a fixed set of draws needs no randomness, so every
+seed gets the same, joint, draws and seed-purity holds trivially. A request for more than M
+draws gets the M (`training.model.draws_used`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import torch
 from torch import nn
 
 from training import segments
-from training.model import MODEL_TYPES, PosteriorModel
+from training.architectures import build_body
+from training.model import PosteriorModel
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 from training.priors import DEFAULT_PRIOR, parse_prior
 
 
-class StackedMLP(PosteriorModel):
-    """arch: in_features, hidden, activation, members (M), prior (for training penalties)."""
+class Stacked(PosteriorModel):
+    """M members' parameters as stacked tensors (`body_parameters`, each [M, ...]).
+
+    arch: an architecture config, members (M), prior (for training penalties)."""
 
     def __init__(self, arch: dict, likelihood: dict, normalization: dict):
         super().__init__(arch, likelihood, normalization)
@@ -32,6 +37,96 @@ class StackedMLP(PosteriorModel):
             raise ValueError(f"members must be >= 1, got {self.members}")
         self.prior = parse_prior(arch.get("prior", DEFAULT_PRIOR))
         self.arch["prior"] = self.prior.spec
+
+    @property
+    def set_size(self) -> int:
+        return self.members
+
+    def body_parameters(self) -> list[nn.Parameter]:
+        """The stacked parameters (the head's, if any, are not stacked)."""
+        raise NotImplementedError
+
+    def run(self, h: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Inputs [B, ...] -> raw outputs [n, B, out] of draws 0..n-1 (every member when n is
+        None)."""
+        raise NotImplementedError
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Every member on the same rows: [M, B, raw_features] (the loss sums members)."""
+        return self.run(z)
+
+    def batch_draws(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        return self.run(self.normalizer.inputs(x), n)
+
+    def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        return self.run(z, n)
+
+    def draw_members(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """Which member each of draws 0..n-1 is (s mod M); None when they are the first n."""
+        return None if n <= self.members else torch.arange(n, device=device) % self.members
+
+    def member_log_prior(self) -> torch.Tensor:
+        """log p(theta_m) of each member's weights and biases: [M]."""
+        return sum(
+            (self.prior.log_prob(p).flatten(1).sum(1) for p in self.body_parameters()),
+            self.body_parameters()[0].new_zeros(self.members),
+        )
+
+    def penalty(self, num_train: int) -> torch.Tensor:
+        """Negative log prior per example, summed over members (each member is a MAP fit)."""
+        return -self.member_log_prior().sum() / num_train
+
+    def member_nll(self, raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean NLL of each member: raw [M, B, F], y [B, ...] -> [M]."""
+        m, b = raw.shape[:2]
+        targets = y.unsqueeze(0).expand(m, *y.shape).reshape(m * b, *y.shape[1:])
+        return self.head.nll(raw.reshape(m * b, -1), targets).view(m, b).mean(1)
+
+    def load_members(self, values: list[torch.Tensor]) -> None:
+        """Replace the stacked tensors, in `body_parameters` order (e.g. with collected
+        SG-MCMC samples)."""
+        with torch.no_grad():
+            for param, value in zip(self.body_parameters(), values, strict=True):
+                param.copy_(value)
+
+
+class StackedNet(Stacked):
+    """Any body of the architecture registry, its members' parameters stacked by
+    `torch.func.stack_module_state` and run by one vmap of the body over them."""
+
+    def __init__(self, arch: dict, likelihood: dict, normalization: dict):
+        super().__init__(arch, likelihood, normalization)
+        bodies = [build_body(arch, self.head.raw_features) for _ in range(self.members)]
+        stacked, _ = torch.func.stack_module_state(bodies)
+        self.names = list(stacked)
+        self.stack = nn.ParameterList(nn.Parameter(stacked[k]) for k in self.names)
+        # the parameters' shapes and the computation, never its own values: not a submodule
+        self._template = [bodies[0].to("meta")]
+
+    def body_parameters(self) -> list[nn.Parameter]:
+        return list(self.stack)
+
+    def run(self, h: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        members = self.draw_members(self.members if n is None else n, h.device)
+        params = {
+            name: (p[: len(p) if n is None else n] if members is None else p[members])
+            for name, p in zip(self.names, self.stack, strict=True)
+        }
+        template = self._template[0]
+
+        def member(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(template, weights, (x,))
+
+        return torch.func.vmap(member, in_dims=(0, None))(params, h)
+
+
+class StackedMLP(Stacked):
+    """The MLP's fast path: [M, in, out] weights, one baddbmm per layer.
+
+    arch: in_features, hidden, activation, members (M), prior."""
+
+    def __init__(self, arch: dict, likelihood: dict, normalization: dict):
+        super().__init__(arch, likelihood, normalization)
         self.activation_name = arch.get("activation", "relu")
         self.activation = ACTIVATIONS[self.activation_name]
         widths = [arch["in_features"], *arch.get("hidden", []), self.head.raw_features]
@@ -46,17 +141,10 @@ class StackedMLP(PosteriorModel):
                 nn.Parameter(torch.empty(self.members, 1, b).uniform_(-bound, bound))
             )
 
-    @property
-    def set_size(self) -> int:
-        return self.members
-
     def body_parameters(self) -> list[nn.Parameter]:
-        """The stacked weights and biases (the head's parameters, if any, are not stacked)."""
         return [*self.weights, *self.biases]
 
     def run(self, h: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        """Inputs [B, D] or per-member [n, B, D] -> raw outputs [n, B, out] of draws 0..n-1
-        (every member when n is None)."""
         weights, biases = self._draw_weights(self.members if n is None else n, h.device)
         m = weights[0].shape[0]
         if h.dim() == 2:
@@ -67,21 +155,14 @@ class StackedMLP(PosteriorModel):
                 h = self.activation(h)
         return h
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Every member on the same rows: [M, B, raw_features] (the loss sums members)."""
-        return self.run(z)
-
     def _draw_weights(
         self, n: int, device: torch.device
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each layer's weights and biases of draws 0..n-1 (draw s is member s mod M)."""
-        if n <= self.members:
+        members = self.draw_members(n, device)
+        if members is None:
             return [w[:n] for w in self.weights], [b[:n] for b in self.biases]
-        members = torch.arange(n, device=device) % self.members
         return [w[members] for w in self.weights], [b[members] for b in self.biases]
-
-    def batch_draws(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        return self.run(self.normalizer.inputs(x), n)
 
     def request_draws(
         self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
@@ -104,29 +185,6 @@ class StackedMLP(PosteriorModel):
         w, b = weights[-1], biases[-1]  # fresh outputs: only the draws read them
         return torch.cat([torch.baddbmm(b, g, w) for g in h], dim=1)
 
-    def member_log_prior(self) -> torch.Tensor:
-        """log p(theta_m) of each member's weights and biases: [M]."""
-        return sum(
-            (self.prior.log_prob(p).flatten(1).sum(1) for p in self.body_parameters()),
-            self.weights[0].new_zeros(self.members),
-        )
-
-    def penalty(self, num_train: int) -> torch.Tensor:
-        """Negative log prior per example, summed over members (each member is a MAP fit)."""
-        return -self.member_log_prior().sum() / num_train
-
-    def member_nll(self, raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean NLL of each member: raw [M, B, F], y [B, ...] -> [M]."""
-        m, b = raw.shape[:2]
-        targets = y.unsqueeze(0).expand(m, *y.shape).reshape(m * b, *y.shape[1:])
-        return self.head.nll(raw.reshape(m * b, -1), targets).view(m, b).mean(1)
-
-    def load_members(self, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> None:
-        """Replace the stacked tensors (e.g. with collected SG-MCMC samples)."""
-        with torch.no_grad():
-            for param, value in zip(self.body_parameters(), [*weights, *biases], strict=True):
-                param.copy_(value)
-
 
 class DeepEnsemble(StackedMLP):
     """Lakshminarayanan et al. 2017: independently initialized MAP members (use a
@@ -147,5 +205,13 @@ class SGHMCSamples(StackedMLP):
     method = "sghmc"
 
 
-for _cls in (DeepEnsemble, SGLDSamples, SGHMCSamples):
-    MODEL_TYPES[_cls.method] = _cls
+class EnsembleNet(StackedNet):
+    method = "ensemble"
+
+
+class SGLDNet(StackedNet):
+    method = "sgld"
+
+
+class SGHMCNet(StackedNet):
+    method = "sghmc"

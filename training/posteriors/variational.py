@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import rng
-from training.model import ACTIVATIONS, MODEL_TYPES, PosteriorModel
+from training.architectures import build_body
+from training.model import ACTIVATIONS, PosteriorModel
 from training.posteriors.seeding import SeedGroups
 from training.priors import DEFAULT_PRIOR, Prior, parse_prior
 
@@ -30,6 +31,17 @@ _MIN_STD = 1e-8
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
+
+
+def gaussian_kl(prior: Prior, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || prior) summed over elements: closed form when the prior has one,
+    else a one-sample Monte-Carlo estimate log q(w) - log p(w) at a fresh w ~ q (unbiased)."""
+    closed = prior.kl(mu, sigma)
+    if closed is not None:
+        return closed.sum()
+    eps = torch.randn_like(mu)
+    log_q = -0.5 * eps**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+    return (log_q - prior.log_prob(mu + sigma * eps)).sum()
 
 
 class _Variational(nn.Module):
@@ -57,18 +69,10 @@ class _Variational(nn.Module):
         return F.softplus(self.bias_rho)
 
     def kl(self) -> torch.Tensor:
-        """KL(q || prior) of this layer: closed form when the prior has one, else a
-        one-sample Monte-Carlo estimate log q(w) - log p(w) at a fresh w ~ q (unbiased)."""
-        total = torch.zeros(())
-        for mu, sigma in ((self.weight_mu, self.weight_sigma), (self.bias_mu, self.bias_sigma)):
-            closed = self.prior.kl(mu, sigma)
-            if closed is not None:
-                total = total + closed.sum()
-                continue
-            eps = torch.randn_like(mu)
-            log_q = -0.5 * eps**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
-            total = total + (log_q - self.prior.log_prob(mu + sigma * eps)).sum()
-        return total
+        """KL(q || prior) of this layer's weight and bias."""
+        return gaussian_kl(self.prior, self.weight_mu, self.weight_sigma) + gaussian_kl(
+            self.prior, self.bias_mu, self.bias_sigma
+        )
 
     def draw(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights [*keys.shape, *weight_shape] and biases [*keys.shape, out], one per key."""
@@ -219,4 +223,75 @@ class VariationalNet(PosteriorModel):
         return [*self.convs, *self.layers]
 
 
-MODEL_TYPES[VariationalNet.method] = VariationalNet
+
+class VariationalBody(PosteriorModel):
+    """A mean-field Gaussian on every parameter of any body of the architecture registry.
+
+    Training draws one weight set per minibatch (the reparameterization of Blundell et al.
+    2015; the local and Flipout estimators are the dense and convolutional fast path,
+    `VariationalNet`). A draw is one weight set per (seed, draw index), each module's drawn
+    from one stream of normals as `VariationalNet` draws its layers, run by one vmap of the
+    body over the [draws x seeds] weight sets.
+
+    arch: an architecture config, prior.
+    """
+
+    method = "variational"
+
+    def __init__(self, arch: dict, likelihood: dict, normalization: dict):
+        super().__init__(arch, likelihood, normalization)
+        self.prior = parse_prior(arch.get("prior", DEFAULT_PRIOR))
+        self.arch["prior"] = self.prior.spec
+        body = build_body(arch, self.head.raw_features)
+        rho = inverse_softplus(torch.tensor(DEFAULT_INIT_SCALE)).item()
+        self.names = [name for name, _ in body.named_parameters()]
+        self.mu = nn.ParameterList(p.detach().clone() for p in body.parameters())
+        self.rho = nn.ParameterList(torch.full_like(p, rho) for p in body.parameters())
+        # each module's parameters are one draw of normals: (first index, end index)
+        owners = [name.rsplit(".", 1)[0] for name in self.names]
+        self.groups = [
+            (owners.index(owner), len(owners) - owners[::-1].index(owner))
+            for owner in dict.fromkeys(owners)
+        ]
+        self._template = [body.to("meta")]  # the computation, not its values: no submodule
+
+    def _call(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self._template[0], weights, (x,))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        weights = {
+            name: mu + F.softplus(rho) * torch.randn_like(mu)
+            for name, mu, rho in zip(self.names, self.mu, self.rho, strict=True)
+        }
+        return self._call(weights, z)
+
+    def draw(self, keys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One weight set per key: keys[g] [*K] for module group g -> {name: [*K, *shape]}."""
+        weights = {}
+        for (a, b), k in zip(self.groups, keys, strict=True):
+            sizes = [self.mu[i].numel() for i in range(a, b)]
+            eps = rng.normal(k, sum(sizes), self.mu[a].dtype).split(sizes, dim=-1)
+            for i, e in zip(range(a, b), eps, strict=True):
+                mu = self.mu[i]
+                weights[self.names[i]] = mu + F.softplus(self.rho[i]) * e.unflatten(-1, mu.shape)
+        return weights
+
+    def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
+        groups = SeedGroups.of(seeds)
+        u = len(groups.unique)
+        keys = [rng.draw_keys(groups.unique, n, stream=g) for g in range(len(self.groups))]
+        weights = {k: w.flatten(0, 1) for k, w in self.draw(keys).items()}  # [n U, ...]
+        x = groups.spread(z)  # [U, R, ...]
+        x = x.unsqueeze(0).expand(n, *x.shape).flatten(0, 1)
+        out = torch.func.vmap(self._call)(weights, x)  # [n U, R, raw]
+        return groups.gather(out.unflatten(0, (n, u)))
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || prior) over every parameter (nats, whole network)."""
+        return sum(
+            (gaussian_kl(self.prior, mu, F.softplus(rho)) for mu, rho in zip(self.mu, self.rho)),
+            torch.zeros(()),
+        )
+
+    def penalty(self, num_train: int) -> torch.Tensor:
+        return self.kl() / num_train
