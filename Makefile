@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch; on a GPU machine override it, e.g. TORCH_SPEC='torch==2.13.0'
 # with PIP_INDEX_URL pointing at the CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
+# Debian's Fashion-MNIST package (image benchmarks and tests); apt-get as root, else sudo
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 MODEL_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -14,6 +17,8 @@ PORT ?= 8000
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@test -d $(FASHION_MNIST) || $(APT_GET) install -y --no-install-recommends dataset-fashion-mnist \
+		|| echo "note: no Fashion-MNIST ($(FASHION_MNIST)); as root: apt-get install dataset-fashion-mnist"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'

@@ -19,6 +19,7 @@ import orjson
 import torch
 from safetensors.numpy import save as save_safetensors
 
+from service import images
 from service.errors import ApiError, Location, Problem
 from service.gateway import Reply
 from service.registry import ModelSpec
@@ -318,6 +319,9 @@ def _instances(
         )
         if spec.feature_names:
             row_hint += f" or an object keyed by {list(spec.feature_names)}"
+        if images.takes_images(spec.input_shape):
+            row_hint += ' or {"b64": "<base64 PNG or JPEG>"}'
+
         problems.append(
             Problem(
                 "missing_field",
@@ -355,6 +359,11 @@ def _instances(
     for i, row in enumerate(value):
         if len(problems) >= MAX_PROBLEMS:
             return None
+        if isinstance(row, dict) and "b64" in row and images.takes_images(spec.input_shape):
+            flat.extend(_image(row, spec, (*location, i), problems))
+            continue
+        if images.takes_images(spec.input_shape) and _is_plane(row, spec.input_shape):
+            row = [row]  # [H, W] for a one-channel model
         if isinstance(row, dict):
             row = _from_keyed(row, spec, (*location, i), problems)
             if row is None:
@@ -364,6 +373,32 @@ def _instances(
         names = spec.feature_names if i in keyed else None
         _collect(row, spec.input_shape, 0, (*location, i), flat, problems, names)
     return _to_array(flat, len(value), spec, keyed, problems)
+
+
+def _is_plane(row: object, shape: tuple[int, ...]) -> bool:
+    """Whether a row is one [H, W] plane where the model takes [1, H, W]."""
+    return (
+        shape[0] == 1
+        and shape[1] != 1
+        and type(row) is list
+        and len(row) == shape[1]
+        and type(row[0]) is list
+        and len(row[0]) == shape[2]
+    )
+
+
+def _image(row: dict, spec: ModelSpec, location: Location, problems: list[Problem]) -> list:
+    """The pixels of a {"b64": ...} instance, or zeros and a problem naming it."""
+    at = (*location, "b64")
+    if len(row) > 1:
+        extra = sorted(set(row) - {"b64"})
+        problems.append(Problem("unknown_field", f"{where(location)} has {extra} beside b64", at))
+    else:
+        try:
+            return images.decode(row["b64"], spec.input_shape).ravel().tolist()
+        except images.ImageError as exc:
+            problems.append(Problem("bad_image", f"{where(at)}: {exc}", at))
+    return [0.0] * math.prod(spec.input_shape)
 
 
 def _from_keyed(

@@ -229,9 +229,7 @@ def build_body(arch: dict, out_features: int, dropout: float = 0.0) -> Body:
     spec = ARCHITECTURES[name]
     shape = input_shape(arch)
     if len(shape) != spec.input_rank:
-        raise ValueError(
-            f"{name} takes inputs of rank {spec.input_rank}, got input shape {shape}"
-        )
+        raise ValueError(f"{name} takes inputs of rank {spec.input_rank}, got input shape {shape}")
     return spec.build({**arch, "input_shape": shape}, out_features, dropout)
 
 

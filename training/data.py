@@ -311,6 +311,7 @@ def load_data(
     """Load `spec`: `toy:NAME`, an image set (training.images), a UCI folder, a folder of
     class folders of images, or a CSV file; `task` overrides the inferred one."""
     from training import images
+
     if task is not None and task not in TASKS:
         raise DataError(f"task must be one of {TASKS}, got {task!r}")
     if spec.startswith(TOY_PREFIX):

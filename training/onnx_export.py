@@ -34,10 +34,10 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from training.architectures import arch_name
 from training.checkpoint import ONNX, Checkpoint, CheckpointError, add_files
 from training.evaluate import load_model_path  # the MODEL_DIR/NAME[/VERSION] rule of -eval
 from training.likelihoods import MIN_VARIANCE, GaussianHead
-from training.architectures import arch_name
 from training.model import MCDropoutMLP, PosteriorModel
 from training.posteriors.stacked import DeepEnsemble, SGHMCSamples, SGLDSamples, StackedMLP
 
@@ -259,9 +259,7 @@ EXPORTABLE_METHODS = tuple(sorted(cls.method for cls in BODIES))
 def check_exportable(method: str, arch: str = "mlp") -> None:
     """Raise ExportError unless `method` on `arch` has an ONNX exporter."""
     if arch != "mlp":
-        raise ExportError(
-            f"ONNX export covers MLPs, not a {arch}; serve it with the torch backend"
-        )
+        raise ExportError(f"ONNX export covers MLPs, not a {arch}; serve it with the torch backend")
     if method not in EXPORTABLE_METHODS:
         raise ExportError(
             f"method {method!r} cannot be exported to ONNX; the methods that export are "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 from training.summaries import Summary
 
@@ -90,3 +91,21 @@ class OodReference:
         levels = np.interp(scores, self.quantiles, self.levels)
         flags = scores > self.threshold
         return {"ood_score": torch.from_numpy(levels), "ood": torch.from_numpy(flags)}
+
+
+def detection(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float]:
+    """How well a score separates out-of-distribution rows (the positives, scored higher)
+    from in-distribution ones: AUROC (ties count half), AUPR (average precision) and the
+    false-positive rate at 95% true-positive rate."""
+    scores = np.concatenate([in_scores, out_scores]).astype(np.float64)
+    positive = np.concatenate([np.zeros(len(in_scores)), np.ones(len(out_scores))])
+    ranks = rankdata(scores)
+    n_in, n_out = len(in_scores), len(out_scores)
+    auroc = (ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out)
+    order = np.argsort(-scores, kind="stable")
+    hits = np.cumsum(positive[order])
+    precision = hits / np.arange(1, len(scores) + 1)
+    aupr = float((precision * positive[order]).sum() / n_out)
+    threshold = np.quantile(out_scores, 0.05)  # 95% of the positives score at least this
+    fpr = float((np.asarray(in_scores) >= threshold).mean())
+    return {"auroc": float(auroc), "aupr": aupr, "fpr_at_95_tpr": fpr}

@@ -129,9 +129,7 @@ def train_model(
     if train.task == "classification" and train.num_outputs < 2:
         raise ValueError("classification needs at least two classes")
     approximation = get_method(method, **(method_options or {}))
-    architecture = arch_config(
-        arch, train.input_shape, hidden, activation, **(arch_options or {})
-    )
+    architecture = arch_config(arch, train.input_shape, hidden, activation, **(arch_options or {}))
     fit_rows, val_rows = holdout_split(len(train), val_fraction, options.seed)
     fit_set = train.subset(fit_rows)
     val_set = train.subset(val_rows) if len(val_rows) else None

@@ -49,7 +49,9 @@ class DropoutNet(PosteriorModel):
         for start in range(0, n, step):
             m = min(step, n - start)
             h = z.unsqueeze(0).expand(m, *z.shape).reshape(m * rows, *z.shape[1:])
-            with keyed(self.sites, [k if k is None else k[start : start + m].reshape(-1) for k in keys]):
+            with keyed(
+                self.sites, [k if k is None else k[start : start + m].reshape(-1) for k in keys]
+            ):
                 chunks.append(self.body(h).view(m, rows, -1))
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import rng, segments
-from training.likelihoods import GaussianHead
 from training.architectures import build_body
+from training.likelihoods import GaussianHead
 from training.model import PosteriorModel
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 from training.priors import DEFAULT_PRIOR, parse_prior

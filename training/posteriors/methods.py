@@ -13,10 +13,10 @@ import argparse
 import contextlib
 from typing import Any, ClassVar
 
+from training.architectures import arch_name
 from training.data import Dataset
 from training.fit import FitOptions, FitResult
 from training.methods import METHODS, Method
-from training.architectures import arch_name
 from training.model import PosteriorModel, model_type
 from training.posteriors.fit_ensemble import fit_ensemble
 from training.posteriors.fit_laplace import fit_laplace

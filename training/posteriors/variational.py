@@ -223,7 +223,6 @@ class VariationalNet(PosteriorModel):
         return [*self.convs, *self.layers]
 
 
-
 class VariationalBody(PosteriorModel):
     """A mean-field Gaussian on every parameter of any body of the architecture registry.
 
@@ -289,7 +288,10 @@ class VariationalBody(PosteriorModel):
     def kl(self) -> torch.Tensor:
         """KL(q || prior) over every parameter (nats, whole network)."""
         return sum(
-            (gaussian_kl(self.prior, mu, F.softplus(rho)) for mu, rho in zip(self.mu, self.rho)),
+            (
+                gaussian_kl(self.prior, mu, F.softplus(rho))
+                for mu, rho in zip(self.mu, self.rho, strict=True)
+            ),
             torch.zeros(()),
         )
 
