@@ -92,7 +92,12 @@ class Stacked(PosteriorModel):
 
 class StackedNet(Stacked):
     """Any body of the architecture registry, its members' parameters stacked by
-    `torch.func.stack_module_state` and run by one vmap of the body over them."""
+    `torch.func.stack_module_state`. Few rows run as one vmap of the body over the members
+    (a grouped convolution); many rows as a loop over members, whose per-member kernels are
+    faster there (benchmarks/stacked_bodies.py). The choice depends on the rows alone, so a
+    request's draws are still its own."""
+
+    VMAP_ROWS = 32  # below: one vmapped call; from here on: a loop over members
 
     def __init__(self, arch: dict, likelihood: dict, normalization: dict):
         super().__init__(arch, likelihood, normalization)
@@ -106,18 +111,23 @@ class StackedNet(Stacked):
     def body_parameters(self) -> list[nn.Parameter]:
         return list(self.stack)
 
-    def run(self, h: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        members = self.draw_members(self.members if n is None else n, h.device)
-        params = {
-            name: (p[: len(p) if n is None else n] if members is None else p[members])
-            for name, p in zip(self.names, self.stack, strict=True)
-        }
-        template = self._template[0]
+    def _member(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self._template[0], weights, (x,))
 
-        def member(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(template, weights, (x,))
-
-        return torch.func.vmap(member, in_dims=(0, None))(params, h)
+    def run(self, h: torch.Tensor, n: int | None = None, vmap: bool | None = None) -> torch.Tensor:
+        n = self.members if n is None else n
+        members = self.draw_members(n, h.device)
+        if members is None:
+            members = torch.arange(n, device=h.device)
+        if vmap if vmap is not None else h.shape[0] < self.VMAP_ROWS:
+            params = {name: p[members] for name, p in zip(self.names, self.stack, strict=True)}
+            return torch.func.vmap(self._member, in_dims=(0, None))(params, h)
+        outputs = {}  # member -> its output, each member computed once
+        for m in members.tolist():
+            if m not in outputs:
+                weights = {name: p[m] for name, p in zip(self.names, self.stack, strict=True)}
+                outputs[m] = self._member(weights, h)
+        return torch.stack([outputs[m] for m in members.tolist()])
 
 
 class StackedMLP(Stacked):
