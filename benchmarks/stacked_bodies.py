@@ -65,7 +65,10 @@ def main() -> None:
     with torch.inference_mode():
         for rows in ROWS:
             h = torch.randn(rows, 1, 28, 28)
-            t = [median_ms(lambda v=v: model.run(h, vmap=v), args.repeats) for v in (True, False)]
+            t = [
+                median_ms(lambda v=v, h=h: model.run(h, vmap=v), args.repeats)
+                for v in (True, False)
+            ]
             lines.append(f"| inference, {rows} rows | {t[0]:.2f} | {t[1]:.2f} | "
                          f"{t[1] / t[0]:.2f} |")  # fmt: skip
     body = "\n".join(lines)
