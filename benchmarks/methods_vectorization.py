@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from machine import cpu_model, write_report
 
-from training.model import PosteriorModel, build_model
+from training.build import build_model
+from training.model import PosteriorModel
 from training.posteriors.laplace_fit import fit_last_layer
 
 DRAWS = 100

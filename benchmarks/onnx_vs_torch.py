@@ -33,7 +33,8 @@ import onnxruntime as ort
 import torch
 from machine import cpu_model, write_report
 
-from training.model import PosteriorModel, build_model
+from training.build import build_model
+from training.model import PosteriorModel
 from training.onnx_export import build_graph, run_draws, session
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "onnx.md"

@@ -175,8 +175,8 @@ WORKLOADS = {
 
 def build_checkpoint(workload: Workload, model_dir: Path) -> Path:
     """An untrained checkpoint in Credence's format: the server loads it like a trained one."""
+    from training.build import build_model
     from training.checkpoint import save_checkpoint
-    from training.model import build_model
 
     d = workload.in_features
     normalization: dict[str, list[float]] = {"x_mean": [0.0] * d, "x_std": [1.0] * d}

@@ -23,7 +23,7 @@ import torch
 from machine import machine_line, machine_record, write_report
 
 from training.architectures import arch_config
-from training.model import MODEL_TYPES
+from training.build import MODEL_TYPES
 
 ROWS = (1, 4, 16, 32, 64, 128)
 MEMBERS = 5

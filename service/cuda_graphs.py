@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from training.model import MCDropoutMLP
+from training.posteriors.mc_dropout import MCDropoutMLP
 
 MIN_BUCKET = 8
 MAX_GRAPHS = 16  # least recently used first out: each holds its activations' memory

@@ -31,8 +31,9 @@ from training.checkpoint import (
     request_cap,
 )
 from training.fit import is_small
-from training.model import MCDropoutMLP, PosteriorModel, draws_used
+from training.model import PosteriorModel, draws_used
 from training.ood import OodReference
+from training.posteriors.mc_dropout import MCDropoutMLP
 
 log = logging.getLogger("credence.registry")
 

@@ -20,8 +20,9 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
+from training.build import build_model
 from training.checkpoint import WEIGHTS, save_checkpoint
-from training.model import PosteriorModel, build_model
+from training.model import PosteriorModel
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["setosa", "versicolor", "virginica"]

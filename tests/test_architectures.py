@@ -13,9 +13,9 @@ from conftest import make_settings, serve
 from torch import nn
 
 from training.architectures import arch_config
+from training.build import FAST_PATHS, MODEL_TYPES, build_model
 from training.data import Dataset, load_data
 from training.fit import FitOptions
-from training.model import FAST_PATHS, MODEL_TYPES, build_model
 from training.train import save_trained, train_model
 
 SGMCMC = {

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.build import build_model
 from training.checkpoint import (
     MANIFEST,
     WEIGHTS,
@@ -17,7 +18,6 @@ from training.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from training.model import build_model
 
 CONFIG = {
     "method": "mc_dropout",

@@ -11,11 +11,11 @@ import torch
 from conftest import make_settings, serve
 
 from training import cli, evaluate
+from training.build import build_model
 from training.calibration import summarize
 from training.checkpoint import latest_checkpoint, save_checkpoint
 from training.data import load_data
 from training.metrics import sample_draws
-from training.model import build_model
 
 SEED = 3
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from training.build import build_model
 from training.data import SINE_GAP_GAP, load_toy
 from training.gap import GAP_INPUTS, epistemic_std, gap_ratio
 from training.metrics import sample_draws
-from training.model import build_model
 
 STATS = {"x_mean": [0.0], "x_std": [2.0], "y_mean": [0.0], "y_std": [1.2]}
 LIKELIHOOD = {"kind": "gaussian", "num_targets": 1, "noise": "homoscedastic"}

@@ -10,7 +10,7 @@ import torch
 from methods_support import assert_gap_uncertainty_and_coverage, fit_sine_gap
 from scipy import stats
 
-from training.model import build_model
+from training.build import build_model
 from training.posteriors.laplace import LastLayerLaplace
 from training.posteriors.laplace_fit import PRIOR_PRECISION_GRID, fit_last_layer
 

@@ -13,10 +13,11 @@ import torch
 from conftest import reordering_tolerance
 from torch.overrides import TorchFunctionMode
 
-import training.model
+import training.posteriors.mc_dropout as mc_dropout
 from training import segments
+from training.build import build_model
 from training.checkpoint import read_checkpoint, save_checkpoint
-from training.model import PosteriorModel, build_model
+from training.model import PosteriorModel
 from training.posteriors.laplace_fit import fit_last_layer
 from training.train import sample_limits
 
@@ -150,8 +151,8 @@ def test_mc_dropout_draws_do_not_depend_on_the_chunks_they_are_computed_in(
     model = build_model({**config, "arch": arch, "likelihood": likelihood}, TABULAR).eval()
     x, seeds = _inputs("mc_dropout", 5), torch.tensor([4, 1, 4, 2, 8])
     whole = model.sample(x, 10, seeds)  # 10 draws x 5 rows x 8 units: one chunk by default
-    monkeypatch.setattr(training.model, "CHUNK_BYTES", budget)
-    training.model._request_plan.cache_clear()  # plans are cached per budget too, but be sure
+    monkeypatch.setattr(mc_dropout, "CHUNK_BYTES", budget)
+    mc_dropout._request_plan.cache_clear()  # plans are cached per budget too, but be sure
     chunked = model.sample(x, 10, seeds)
     torch.testing.assert_close(chunked, whole, **reordering_tolerance(model, whole))
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_settings, serve
 
+from training.build import build_model
 from training.checkpoint import save_checkpoint
-from training.model import build_model
 from training.posteriors.laplace_fit import fit_last_layer
 from training.train import sample_limits
 

@@ -25,8 +25,9 @@ from service.onnx_backend import OnnxSampler
 from service.settings import Settings
 from training import cli as train_cli
 from training import onnx_export, rng
+from training.build import build_model
 from training.checkpoint import ONNX, CheckpointError, read_checkpoint, save_checkpoint
-from training.model import PosteriorModel, build_model
+from training.model import PosteriorModel
 from training.onnx_export import ExportError, export_checkpoint, export_files, run_draws, session
 
 STATS = {"x_mean": [0.5, -1.0, 2.0], "x_std": [1.5, 0.5, 3.0], "y_mean": [1.0], "y_std": [2.0]}

@@ -14,8 +14,8 @@ from conftest import make_settings, serve
 from PIL import Image
 
 from training.architectures import arch_config
+from training.build import build_model
 from training.checkpoint import save_checkpoint
-from training.model import build_model
 
 GRAY = [1, 8, 8]
 COLOR = [3, 6, 5]

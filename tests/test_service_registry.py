@@ -13,8 +13,8 @@ from conftest import Client, make_settings, regression_manifest, regression_mode
 
 from service.registry import FailedModel, LoadedModel, Registry, parse_spec
 from service.settings import Settings
+from training.build import build_model
 from training.checkpoint import CheckpointError, save_checkpoint
-from training.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import safetensors.numpy
 import torch
 from conftest import Client, make_settings, regression_model, reordering_tolerance, serve
 
+from training.build import build_model
 from training.checkpoint import save_checkpoint
-from training.model import build_model
 
 REG, CLF = "/v1/models/reg:sample", "/v1/models/clf:sample"
 NEAR = [[0.2, -0.4, 1.0], [0.25, -0.4, 1.0]]  # two inputs whose outputs are strongly correlated

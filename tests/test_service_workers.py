@@ -20,8 +20,8 @@ from conftest import (
 
 from service.registry import Registry
 from service.workers import WorkerProcess, summarize_batch, to_device, to_host
+from training.build import build_model
 from training.checkpoint import save_checkpoint
-from training.model import build_model
 
 WIDTH = 3000  # 256 rows of it are 3 MB: more than a socket buffer holds, both ways
 

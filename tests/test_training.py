@@ -244,8 +244,8 @@ def test_cli_rejects_bad_options(args, message, capsys, tmp_path):
 
 def test_cli_takes_a_new_method_without_changes(monkeypatch, tmp_path, capsys):
     """A method plugs in by registering a class: its flags appear, other methods refuse them."""
+    from training.build import model_type
     from training.methods import METHODS, MCDropout
-    from training.model import model_type
 
     class Wider(MCDropout):
         name = "wider"

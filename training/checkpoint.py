@@ -41,8 +41,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from training.build import build_model
 from training.calibration import CalibrationError, parse_calibration
-from training.model import PosteriorModel, build_model
+from training.model import PosteriorModel
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -35,7 +35,8 @@ from torch import nn
 
 from training.data import Dataset
 from training.fit import adam, torch_threads
-from training.model import ACTIVATIONS, MCDropoutMLP
+from training.pointwise import ACTIVATIONS
+from training.posteriors.mc_dropout import MCDropoutMLP
 from training.train import likelihood_config
 
 DEFAULT_LENGTHSCALE = 1e-2

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import DataError, Dataset, LoadedData
+from training.dataset import DataError, Dataset, LoadedData
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LABELS = (

@@ -132,16 +132,35 @@ def expected_calibration_error(
 def classification_metrics(
     draws: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS
 ) -> dict[str, float]:
-    """Accuracy, NLL of the averaged probabilities and expected calibration error."""
+    """Accuracy, NLL of the averaged probabilities, Brier score (the squared error of the
+    probability vector, summed over classes) and expected calibration error."""
     y = as_tensor(y, torch.int64).reshape(-1)
     summary = summarize("classification", draws, [])
+    p = summary["probabilities"].double()
+    brier = (p - torch.nn.functional.one_hot(y, p.shape[-1]).double()).pow(2).sum(-1).mean()
     return {
         "accuracy": float((summary["predicted_class"] == y).double().mean()),
         "nll": float(-pointwise_log_likelihood("classification", draws, y).mean()),
+        "brier": float(brier),
         "ece": expected_calibration_error(summary["probabilities"], y, bins),
         "rows": len(y),
         "num_samples": draws.shape[0],
     }
+
+
+def fit_temperature(draws: torch.Tensor, y: np.ndarray | torch.Tensor) -> float:
+    """The temperature T (logits / T in every draw) that minimizes the NLL of the averaged
+    probabilities on held-out rows (Guo et al. 2017, on a Monte-Carlo predictive)."""
+    from scipy.optimize import minimize_scalar
+
+    y = as_tensor(y, torch.int64).reshape(-1)
+    logits = draws.double()
+
+    def nll(log_t: float) -> float:
+        scaled = logits / math.exp(log_t)
+        return float(-pointwise_log_likelihood("classification", scaled, y).mean())
+
+    return math.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x)
 
 
 def metrics_from_draws(

@@ -38,7 +38,8 @@ from training.architectures import arch_name
 from training.checkpoint import ONNX, Checkpoint, CheckpointError, add_files
 from training.evaluate import load_model_path  # the MODEL_DIR/NAME[/VERSION] rule of -eval
 from training.likelihoods import MIN_VARIANCE, GaussianHead
-from training.model import MCDropoutMLP, PosteriorModel
+from training.model import PosteriorModel
+from training.posteriors.mc_dropout import MCDropoutMLP
 from training.posteriors.stacked import DeepEnsemble, SGHMCSamples, SGLDSamples, StackedMLP
 
 OPSET = 18  # BitwiseAnd / BitwiseXor need 18

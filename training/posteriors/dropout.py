@@ -17,7 +17,7 @@ from training import rng
 from training.architectures import Recurrent, Site, build_body, keyed
 from training.model import PosteriorModel
 
-ROWS_PER_PASS = 4096  # rows of [draws x rows] per pass: bounds a CNN's activations
+ROWS_PER_PASS = 512  # rows of [draws x rows] per pass: bounds a CNN's activations (and is faster)
 
 
 class DropoutNet(PosteriorModel):

@@ -1,10 +1,13 @@
-"""`credence-train --method variational|ensemble|sgld|sghmc|laplace`: the methods' options,
-model construction and training, as `training.methods.Method` classes.
+"""`credence-train --method ...`: each posterior method's options, model construction and
+training, as a `Method` class; `training.methods.METHODS` is the table the CLI reads.
 
-Importing this module adds them to `training.methods.METHODS`, the one dispatch table the CLI
-reads. Flags that several methods share (--prior, the SG-MCMC schedule) are declared once with
-default None; each method substitutes its own default, so `--prior` means the same thing
-whichever method it is given to.
+A method declares its own flags and defaults, adds its keys to the architecture's config, and
+trains the model that (method, architecture) builds (`training.build`). The shared pieces
+(data loading, standardization, the validation split, evaluation, the checkpoint) stay in
+`training.train` and `training.cli`, so a new method is one class here and one entry in the
+table, with no change to the CLI. Flags that several methods share (--prior, the SG-MCMC
+schedule) are declared once with default None; each method substitutes its own default, so
+`--prior` means the same thing whichever method it is given to.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import contextlib
 from typing import Any, ClassVar
 
 from training.architectures import arch_name
+from training.build import model_type
 from training.data import Dataset
-from training.fit import FitOptions, FitResult
-from training.methods import METHODS, Method
-from training.model import PosteriorModel, model_type
+from training.fit import FitOptions, FitResult, fit
+from training.model import PosteriorModel
 from training.posteriors.fit_ensemble import fit_ensemble
 from training.posteriors.fit_laplace import fit_laplace
 from training.posteriors.fit_sgmcmc import SGMCMCSettings, fit_sgmcmc
@@ -25,6 +28,89 @@ from training.posteriors.fit_variational import fit_variational
 from training.posteriors.laplace import STRUCTURES
 from training.posteriors.variational import ESTIMATORS, VariationalNet
 from training.priors import DEFAULT_PRIOR, parse_prior
+
+
+class Method:
+    """Base class: declared options (with defaults), then build + train.
+
+    Option flags default to None, which means "the method's default": several methods can
+    then share a flag (declared once) and each substitutes its own default.
+    """
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Declare the method's flags (default None); their dests are keys of `defaults`."""
+
+    def __init__(self, **options: Any):
+        options = {k: v for k, v in options.items() if v is not None}
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.name} takes no options {sorted(unknown)}")
+        self.options = {**self.defaults, **options}
+
+    def build(self, arch: dict, likelihood: dict, stats: dict) -> PosteriorModel:
+        """The model of this method on the architecture `arch` (training.architectures)."""
+        arch = {**arch, **self.arch_options(arch)}
+        return model_type(self.name, arch)(arch, likelihood, stats)
+
+    def arch_options(self, arch: dict) -> dict[str, Any]:
+        """What the method adds to the architecture config (its model's arch keys)."""
+        return {}
+
+    def train(
+        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+    ) -> FitResult:
+        """Gradient training on NLL + penalty; methods with other samplers override this."""
+        return fit(model, train, val, options)
+
+
+class MCDropout(Method):
+    """MC dropout (Gal & Ghahramani 2016): dropout stays on at prediction time."""
+
+    name = "mc_dropout"
+    help = "MC dropout: dropout kept on at prediction time (Gal & Ghahramani 2016)"
+    defaults: ClassVar[dict[str, Any]] = {
+        "dropout": 0.05,
+        "prior_lengthscale": 1e-2,
+        "input_dropout": False,
+    }
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        d = cls.defaults
+        group.add_argument(
+            "--dropout",
+            type=float,
+            metavar="P",
+            help=f"dropout rate of the hidden layers (default: {d['dropout']})",
+        )
+        group.add_argument(
+            "--prior-lengthscale",
+            type=float,
+            metavar="L",
+            help="prior length-scale l; the weight decay is l^2 (1-p) / 2N "
+            f"(default: {d['prior_lengthscale']})",
+        )
+        group.add_argument(
+            "--input-dropout",
+            action=argparse.BooleanOptionalAction,
+            help="also drop input features, as Gal's UCI code does (default: off)",
+        )
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        if not 0 <= self.options["dropout"] < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.options['dropout']}")
+        if self.options["prior_lengthscale"] < 0:
+            raise ValueError("the prior length-scale must be >= 0")
+
+    def arch_options(self, arch: dict) -> dict[str, Any]:
+        keys = ("dropout", "input_dropout", "prior_lengthscale")
+        return {key: self.options[key] for key in keys}
 
 
 def _declare(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
@@ -194,7 +280,3 @@ class Laplace(_PosteriorMethod):
         self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
     ) -> FitResult:
         return fit_laplace(model, train, val, options, self.options["prior_precision"])
-
-
-for _method in (Variational, Ensemble, SGLD, SGHMC, Laplace):
-    METHODS[_method.name] = _method

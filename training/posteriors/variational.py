@@ -20,7 +20,8 @@ from torch import nn
 
 from training import rng
 from training.architectures import build_body
-from training.model import ACTIVATIONS, PosteriorModel
+from training.model import PosteriorModel
+from training.pointwise import ACTIVATIONS
 from training.posteriors.seeding import SeedGroups
 from training.priors import DEFAULT_PRIOR, Prior, parse_prior
 
