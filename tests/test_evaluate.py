@@ -95,3 +95,30 @@ def test_a_sample_set_is_scored_on_all_its_draws_when_more_are_asked(tmp_path, c
         reports[n] = json.loads(capsys.readouterr().out)
     assert reports["200"]["num_samples"] == 3
     assert reports["200"] == reports["3"]
+
+
+def test_an_image_classifier_reports_ood_detection_and_a_reliability_diagram(tmp_path, capsys):
+    """credence-train --arch cnn on the 8x8 digits, then credence-eval with noise images as
+    OOD rows: each score's AUROC / AUPR / FPR at 95% TPR, and the diagram's PNG."""
+    fit = ["--arch", "cnn", "--conv", "8", "--hidden", "32", "--epochs", "30", "--seed", "0"]
+    argv = ["--data", "digits", *fit, "--out", str(tmp_path), "--name", "digits", "--quiet"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    png = tmp_path / "reliability.png"
+    model = ["--model", str(tmp_path / "digits"), "--data", "digits", "--num-samples", "16"]
+    ood = ["--ood-data", "noise:uniform", "--reliability", str(png)]
+    assert evaluate.main([*model, *ood]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"]["accuracy"] > 0.8
+    bins = report["reliability"]
+    assert sum(bins["rows"]) == report["metrics"]["rows"]
+    points = zip(bins["rows"], bins["accuracy"], bins["confidence"], strict=True)
+    ece = sum(r * abs(a - c) for r, a, c in points)
+    assert ece / sum(bins["rows"]) == pytest.approx(report["metrics"]["ece"], abs=1e-9)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scores = report["ood"]["noise:uniform"]
+    assert set(scores) == {"mutual_information", "entropy", "max_softmax"}
+    assert all(0 <= s["auroc"] <= 1 and 0 <= s["fpr_at_95_tpr"] <= 1 for s in scores.values())
+    with pytest.raises(SystemExit):  # 28x28 images for an 8x8 model
+        evaluate.main([*model, "--ood-data", "mnist-5k"])
+    assert "rows of shape [1, 28, 28], the model's [1, 8, 8]" in capsys.readouterr().err

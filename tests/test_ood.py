@@ -21,9 +21,19 @@ from training.data import load_data
 def test_scores_are_levels_among_the_reference_rows_and_flags_pass_its_quantile():
     """Reference scores 0.00 .. 0.99: a score's ood_score is the share below it, and the
     flag is set past the 95% quantile (0.9405), not at it."""
-    summary = {"mutual_information": torch.arange(100, dtype=torch.float64) / 100}
+    scores = torch.arange(100, dtype=torch.float64) / 100
+    top = 0.5 + scores / 2  # the max probability of two classes
+    summary = {
+        "mutual_information": scores,
+        "entropy": 2 * scores,
+        "probabilities": torch.stack([top, 1 - top], -1),
+    }
     entry = ood.reference("classification", summary, num_samples=10)
     assert entry["threshold"] == pytest.approx(0.9405)
+    others = entry["others"]  # the alternatives' distributions on the same rows
+    assert others["entropy"]["threshold"] == pytest.approx(2 * 0.9405)
+    assert others["max_softmax"]["threshold"] == pytest.approx(-(0.5 + 0.0495 / 2))
+    assert others["max_softmax"]["quantiles"][0] == pytest.approx(-0.995)
     assert (entry["rows"], entry["num_samples"], entry["fpr"]) == (100, 10, 0.05)
     reference = ood.OodReference.parse(entry, "classification")
     probe = {"mutual_information": torch.tensor([0.0, 0.495, 0.94, 0.95, 5.0])}

@@ -2,20 +2,29 @@
 
     credence-eval --model models/yacht --data ../shared/data/uci/yacht --split 0
     credence-eval --model models/sine-gap/2 --data toy:sine-gap --json sine-gap.json
+    credence-eval --model models/fashion-mnist --data fashion-mnist \
+        --ood-data mnist-5k --ood-data noise:uniform --reliability fmnist.png
 
 It scores the data's test rows when the data has them (a UCI split, a toy), else every row,
 with the same draws and summaries the server uses, so a served prediction under the same
 seed has the same mean and intervals. A calibrated checkpoint is scored both raw and with
-its stored calibration applied, as the server applies it.
+its stored calibration applied, as the server applies it. With --ood-data, it also reports
+how well the model's uncertainty tells those rows (another data set of the same input shape,
+or noise:gaussian / noise:uniform images) from its own test rows: AUROC, AUPR and the
+false-positive rate at 95% true-positive rate, per score (training.ood.detection_scores).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from training.calibration import CalibrationError, method_name, parse_calibration
 from training.checkpoint import (
@@ -26,10 +35,15 @@ from training.checkpoint import (
     request_cap,
 )
 from training.data import DataError, Dataset, load_data
-from training.metrics import evaluate
+from training.images import NOISE, noise_images
+from training.metrics import evaluate, reliability_bins, sample_draws
 from training.model import draws_used
+from training.ood import detection, detection_scores
+from training.summaries import summarize
 
 DEFAULT_SEED = 0
+NOISE_PREFIX = "noise:"
+NOISE_ROWS = 2000
 
 
 def load_model_path(path: str | Path) -> Checkpoint:
@@ -70,8 +84,69 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-samples", type=int, help="posterior draws (default: the manifest's default)"
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="draw seed (default: 0)")
+    parser.add_argument(
+        "--ood-data",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="out-of-distribution rows to tell from the data's: a data spec of the same input "
+        f"shape (all its rows), or {NOISE_PREFIX}{'|'.join(NOISE)} ({NOISE_ROWS} images); "
+        "repeatable",
+    )
+    parser.add_argument(
+        "--reliability",
+        type=Path,
+        metavar="PNG",
+        help="classifiers: write the reliability diagram here (needs matplotlib)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report to this file")
     return parser
+
+
+def ood_rows(spec: str, shape: list[int]) -> np.ndarray:
+    """Every row of `spec` (train and test), or noise images of `shape`."""
+    if spec.startswith(NOISE_PREFIX):
+        if len(shape) != 3:
+            raise DataError(f"{spec}: noise images are for image models; this one takes {shape}")
+        return noise_images(spec[len(NOISE_PREFIX) :], NOISE_ROWS, tuple(shape), DEFAULT_SEED)
+    loaded = load_data(spec)
+    parts = [loaded.train.x] + ([] if loaded.test is None else [loaded.test.x])
+    if list(parts[0].shape[1:]) != shape:
+        raise DataError(f"{spec}: rows of shape {list(parts[0].shape[1:])}, the model's {shape}")
+    return np.concatenate(parts)
+
+
+def ood_report(
+    model, task: str, data: Dataset, specs: list[str], n: int, seed: int
+) -> dict[str, dict]:
+    """Per OOD spec and score: AUROC, AUPR, FPR at 95% TPR against `data`'s rows."""
+
+    def scores(x: np.ndarray) -> dict[str, np.ndarray]:
+        return detection_scores(task, summarize(task, sample_draws(model, x, n, seed), []))
+
+    inside = scores(data.x)
+    shape = list(data.input_shape)
+    report = {}
+    for spec in specs:
+        outside = scores(ood_rows(spec, shape))
+        report[spec] = {name: detection(inside[name], outside[name]) for name in inside}
+    return report
+
+
+def plot_reliability(bins: dict[str, list[float]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    ax.plot(bins["confidence"], bins["accuracy"], "o-", label="model")
+    ax.set(title=title, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if num_samples < 1 or (highest is not None and num_samples > highest):
         parser.error(f"--num-samples must be in [1, {highest}] for this model")
     num_samples = draws_used(num_samples, model.set_size)
+    if args.reliability and data.task != "classification":
+        parser.error("--reliability applies to classifiers")
+    if args.reliability and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--reliability needs matplotlib: pip install matplotlib")
     report = {
         "model": checkpoint.name,
         "version": checkpoint.version,
@@ -105,6 +184,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calibration": method_name(calibration),
         "metrics": evaluate(model, data, num_samples, args.seed, calibration),
     }
+    if args.reliability:
+        draws = sample_draws(model, data.x, num_samples, args.seed)
+        probabilities = summarize(data.task, draws, [])["probabilities"]
+        report["reliability"] = reliability_bins(probabilities, torch.as_tensor(data.y))
+        plot_reliability(
+            report["reliability"], f"{checkpoint.name} on {args.data}", args.reliability
+        )
+    if args.ood_data:
+        try:
+            report["ood"] = ood_report(
+                model, data.task, data, args.ood_data, num_samples, args.seed
+            )
+        except (DataError, OSError) as exc:
+            parser.error(str(exc))
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

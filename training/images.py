@@ -133,4 +133,18 @@ def load_image_folder(path: Path) -> LoadedData:
     return LoadedData(data, None, {"source": "image-folder", "path": str(path)})
 
 
+NOISE = ("gaussian", "uniform")
+
+
+def noise_images(kind: str, n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Out-of-distribution probes in pixel units: N(0.5, 1) clipped to [0, 1] (gaussian) or
+    U(0, 1) (uniform), as in Hendrycks & Gimpel 2017."""
+    if kind not in NOISE:
+        raise DataError(f"noise images are one of {NOISE}, not {kind!r}")
+    rng = np.random.default_rng(seed)
+    if kind == "gaussian":
+        return np.clip(rng.normal(0.5, 1.0, (n, *shape)), 0, 1).astype(np.float32)
+    return rng.uniform(0, 1, (n, *shape)).astype(np.float32)
+
+
 IMAGE_SETS = {"fashion-mnist": load_fashion_mnist, "mnist-5k": load_mnist_5k, "digits": load_digits}

@@ -129,6 +129,25 @@ def expected_calibration_error(
     return float(gap.abs().sum() / count.sum())
 
 
+def reliability_bins(
+    probabilities: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS
+) -> dict[str, list[float]]:
+    """A reliability diagram's points: per equal-width confidence bin, its rows, their mean
+    confidence and their accuracy (bins with no rows are left out)."""
+    confidence, predicted = probabilities.double().max(-1)
+    correct = (predicted == as_tensor(y, torch.int64).reshape(-1)).double()
+    which = torch.clamp((confidence * bins).long(), max=bins - 1)
+    count = torch.bincount(which, minlength=bins).double()
+    kept = count > 0
+    mean_confidence = torch.zeros(bins, dtype=torch.float64).index_add(0, which, confidence)
+    accuracy = torch.zeros(bins, dtype=torch.float64).index_add(0, which, correct)
+    return {
+        "rows": count[kept].tolist(),
+        "confidence": (mean_confidence[kept] / count[kept]).tolist(),
+        "accuracy": (accuracy[kept] / count[kept]).tolist(),
+    }
+
+
 def classification_metrics(
     draws: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS
 ) -> dict[str, float]:

@@ -8,7 +8,9 @@ score's quantiles on in-distribution rows (the validation rows, with the calibra
 server applies), and a prediction gets `ood_score`, the share of those rows whose score is
 below its own (interpolated between stored quantiles), and `ood`, whether its score passes
 the quantile at 1 - FPR: at the default FPR of 5%, one in-distribution prediction in twenty
-is flagged, and the test below the threshold is a calibrated statement, not a guess.
+is flagged, and the test below the threshold is a calibrated statement, not a guess. A
+classifier's entry also stores the same distribution of its predictive entropy and negated
+max probability (`others`), the usual alternatives.
 """
 
 from __future__ import annotations
@@ -41,14 +43,26 @@ def reference(task: str, summary: Summary, num_samples: int, fpr: float = DEFAUL
         raise ValueError(f"the OOD false-positive rate must be in (0, 1), got {fpr}")
     scores = epistemic_score(task, summary).double()
     levels = torch.from_numpy(LEVELS)
+
+    def distribution(values: torch.Tensor) -> dict:
+        return {
+            "threshold": float(torch.quantile(values, 1 - fpr)),
+            "quantiles": torch.quantile(values, levels).tolist(),
+        }
+
+    others = {  # the other scores' distributions, for clients and operators that prefer them
+        name: distribution(torch.from_numpy(values))
+        for name, values in detection_scores(task, summary).items()
+        if name != SCORES[task]
+    }
     return {
         "score": SCORES[task],
         "rows": int(scores.numel()),
         "num_samples": num_samples,
         "fpr": fpr,
-        "threshold": float(torch.quantile(scores, 1 - fpr)),
+        **distribution(scores),
         "levels": LEVELS.tolist(),
-        "quantiles": torch.quantile(scores, levels).tolist(),
+        **({"others": others} if others else {}),
     }
 
 
@@ -91,6 +105,19 @@ class OodReference:
         levels = np.interp(scores, self.quantiles, self.levels)
         flags = scores > self.threshold
         return {"ood_score": torch.from_numpy(levels), "ood": torch.from_numpy(flags)}
+
+
+def detection_scores(task: str, summary: Summary) -> dict[str, np.ndarray]:
+    """Per-row OOD scores, larger meaning more unusual: a classifier's mutual information
+    (epistemic), predictive entropy (total) and negated max probability (Hendrycks & Gimpel
+    2017's max-softmax baseline); a regressor's epistemic std."""
+    if task == "regression":
+        return {"epistemic_std": epistemic_score(task, summary).double().numpy()}
+    return {
+        "mutual_information": summary["mutual_information"].double().numpy(),
+        "entropy": summary["entropy"].double().numpy(),
+        "max_softmax": -summary["probabilities"].max(-1).values.double().numpy(),
+    }
 
 
 def detection(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float]:
