@@ -1,10 +1,12 @@
 """Serving throughput and latency: Credence against a no-model ceiling and a naive server.
 
-Two workloads, each an untrained MC-dropout checkpoint (timing does not depend on the
+Three workloads, each an untrained MC-dropout checkpoint (timing does not depend on the
 weights) in a temporary model dir of its own, one instance per request:
 
     small  regression 13 -> 50 -> 1, num_samples 100 (request overhead dominates)
     large  classifier 784 -> 1024 -> 1024 -> 10, num_samples 64 (compute dominates)
+    cnn    the Fashion-MNIST CNN of benchmarks/images.py (1x28x28, conv 32 and 64, 128
+           dense, 10 classes), num_samples 32; run only when named (--workload cnn)
 
 For each workload, one server at a time on 127.0.0.1, each in its own subprocess:
 
@@ -27,9 +29,11 @@ latency from each scheduled arrival.
 
 Before any server starts, the benchmark's own process times torch's matmul (float32 and
 bfloat16) of the large model's big layer ([2048, 1024] x [1024, 1024]) to report the large
-workload's model FLOP rate as a fraction of what this machine's matmul reaches.
+workload's model FLOP rate as a fraction of what this machine's matmul reaches; for the cnn
+workload it times the same computation offline instead (`model.sample` on 32 images at once,
+in-process), the rate the server's batches can at best approach.
 
-    .venv/bin/python benchmarks/serve.py [--quick] [--workload small|large|both] [--device D]
+    .venv/bin/python benchmarks/serve.py [--quick] [--workload small|large|cnn|both] [--device D]
         [--servers credence,credence-v2,...] [--out DIR]
 
 D is where Credence and the naive server compute and the matmul rate is timed: cpu (the
@@ -117,6 +121,11 @@ class Workload:
     output_names: tuple[str, ...]
     num_samples: int
     report_flops: bool  # compute-bound: report the model FLOP rate against the matmul rate
+    arch: dict[str, Any] | None = None  # an architecture config; None: an MLP of `hidden`
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.arch["input_shape"]) if self.arch else (self.in_features,)
 
     @property
     def route(self) -> str:
@@ -131,7 +140,7 @@ class Workload:
 
     @property
     def config(self) -> dict[str, Any]:
-        arch = {"in_features": self.in_features, "hidden": list(self.hidden)}
+        arch = dict(self.arch or {"in_features": self.in_features, "hidden": list(self.hidden)})
         arch["dropout"] = self.dropout
         return {"method": "mc_dropout", "arch": arch, "likelihood": self.likelihood}
 
@@ -167,7 +176,27 @@ WORKLOADS = {
         num_samples=64,
         report_flops=True,
     ),
+    "cnn": Workload(
+        name="cnn",
+        description="MC-dropout CNN 1x28x28 -> conv 32, conv 64 -> 128 -> 10 (dropout 0.1)",
+        in_features=784,
+        hidden=(128,),
+        dropout=0.1,
+        likelihood={"kind": "categorical", "num_classes": 10},
+        output_names=tuple(str(k) for k in range(10)),
+        num_samples=32,
+        report_flops=False,
+        arch={
+            "name": "cnn",
+            "input_shape": [1, 28, 28],
+            "conv": [32, 64],
+            "kernel_size": 3,
+            "hidden": [128],
+            "activation": "relu",
+        },
+    ),
 }
+DEFAULT_WORKLOADS = ("small", "large")  # "both"
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -179,12 +208,15 @@ def build_checkpoint(workload: Workload, model_dir: Path) -> Path:
     from training.checkpoint import save_checkpoint
 
     d = workload.in_features
-    normalization: dict[str, list[float]] = {"x_mean": [0.0] * d, "x_std": [1.0] * d}
+    normalization: dict[str, list] = {"x_mean": [0.0] * d, "x_std": [1.0] * d}
+    if workload.arch:  # per channel
+        channels = workload.input_shape[0]
+        normalization = {"x_mean": [[[0.0]]] * channels, "x_std": [[[1.0]]] * channels}
     if not workload.classifier:
         k = len(workload.output_names)
         normalization |= {"y_mean": [0.0] * k, "y_std": [1.0] * k}
     manifest = {
-        "input": {"shape": [d], "dtype": "float32", "feature_names": None},
+        "input": {"shape": list(workload.input_shape), "dtype": "float32", "feature_names": None},
         "output": {"names": list(workload.output_names)},
         "num_samples": {"default": workload.num_samples, "max": 1000},
         "calibration": None,
@@ -305,7 +337,7 @@ def naive_app(workload: Workload, model_dir: Path, device: str = "cpu") -> "Fast
         num_samples: int = workload.num_samples
 
     class PredictBody(BaseModel):
-        instances: list[list[float]]
+        instances: list[list[Any]]
         parameters: Parameters = Parameters()
 
     def regression(d: torch.Tensor) -> list[dict]:
@@ -450,12 +482,49 @@ def request_bytes(workload: Workload, port: int, body: bytes, protocol: str = "n
 def make_body(workload: Workload, rng: random.Random, protocol: str = "native") -> bytes:
     """One instance; as V2, the same numbers in a JSON infer body (what tritonclient sends
     with binary_data=False)."""
-    x = [round(rng.gauss(0.0, 1.0), 6) for _ in range(workload.in_features)]
+    x = [round(rng.gauss(0.0, 1.0), 6) for _ in range(math.prod(workload.input_shape))]
     parameters = {"num_samples": workload.num_samples}
     if protocol == "native":
-        return json.dumps({"instances": [x], "parameters": parameters}).encode()
-    tensor = {"name": "input", "datatype": "FP32", "shape": [1, len(x)], "data": x}
+        instance = x if workload.arch is None else nested(x, workload.input_shape)
+        return json.dumps({"instances": [instance], "parameters": parameters}).encode()
+    shape = [1, *workload.input_shape]
+    tensor = {"name": "input", "datatype": "FP32", "shape": shape, "data": x}
     return json.dumps({"inputs": [tensor], "parameters": parameters}).encode()
+
+
+def nested(flat: list[float], shape: tuple[int, ...]) -> list:
+    """A flat list as nested lists of `shape`."""
+    if len(shape) == 1:
+        return flat
+    step = len(flat) // shape[0]
+    return [nested(flat[i : i + step], shape[1:]) for i in range(0, len(flat), step)]
+
+
+def offline_rate(workload: Workload, rows: int = 32, repeats: int = 5) -> dict[str, Any]:
+    """Instances per second of `model.sample` on `rows` instances at once, in this process:
+    the same computation as a served batch of `rows` requests, without the server."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from training.checkpoint import latest_checkpoint
+
+        build_checkpoint(workload, Path(tmp))
+        model = latest_checkpoint(Path(tmp), workload.name).build()
+    x = torch.rand(rows, *workload.input_shape)
+    seeds = torch.arange(rows)
+    times = []
+    with torch.inference_mode():
+        model.sample(x, workload.num_samples, seeds)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.sample(x, workload.num_samples, seeds)
+            times.append(time.perf_counter() - start)
+    return {
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "instances_per_s": rows / min(times),
+        "median_instances_per_s": rows / statistics.median(times),
+    }
 
 
 def make_payloads(workload: Workload, port: int, protocol: str = "native") -> list[bytes]:
@@ -841,7 +910,7 @@ def run_workload(
         build_checkpoint(workload, model_dir)
         for server in servers:
             if (server == BF16 and not workload.report_flops) or (
-                server == V2 and workload.report_flops
+                server == V2 and (workload.report_flops or workload.arch is not None)
             ):
                 continue
             protocol = "v2" if server == V2 else "native"
@@ -907,7 +976,8 @@ def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | No
     lines = [
         f"## {w.name}: {w.description}",
         "",
-        f"One instance ({w.in_features} floats) per request, num_samples = {w.num_samples}.",
+        f"One instance ({'x'.join(map(str, w.input_shape))} floats) per request, "
+        f"num_samples = {w.num_samples}.",
     ]
     if w.report_flops and matmul:
         later = " + ".join(f"{a}x{b}" for a, b in itertools.pairwise(w.widths[1:]))
@@ -935,6 +1005,17 @@ def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | No
             f"bfloat16 matmul rate, {b['gflops']:.1f} GFLOP/s, timed the same way (median",
             f"{b['median_gflops']:.1f}): each server against what its arithmetic can reach.",
         ]
+    if data.get("offline"):
+        off = data["offline"]
+        best = max((r["rps"] for r in data["results"].get("credence", [])), default=0.0)
+        lines += [
+            "",
+            f"Offline, the same computation in one process: `model.sample` on {off['rows']} "
+            f"images at once ({off['threads']} threads) runs {off['instances_per_s']:.1f} "
+            f"images/s (median {off['median_instances_per_s']:.1f}); Credence's best served "
+            f"rate, {best:.1f} req/s, is {best / off['instances_per_s']:.2f} of it. Training "
+            "throughput (images/s) is in images.md.",
+        ]
     lines += ["", table(w, data["results"]), ""]
     o = data["open_loop"]
     if o:
@@ -946,7 +1027,7 @@ def workload_section(workload: Workload, data: dict[str, Any], matmul: dict | No
 
 def main_bench(args: argparse.Namespace) -> None:
 
-    names = list(WORKLOADS) if args.workload == "both" else [args.workload]
+    names = list(DEFAULT_WORKLOADS) if args.workload == "both" else [args.workload]
     workloads = [WORKLOADS[n] for n in names]
     concurrencies = [1, 32] if args.quick else [1, 8, 32, 128]
     warmup_s, duration_s = (0.5, 2.0) if args.quick else (1.0, 5.0)
@@ -960,9 +1041,14 @@ def main_bench(args: argparse.Namespace) -> None:
                 f"{m['gflops']:.1f} GFLOP/s, median {m['median_gflops']:.1f}",
                 flush=True,
             )
+    offline = {w.name: offline_rate(w) for w in workloads if w.arch is not None}
+    for name, o in offline.items():
+        print(f"{name} offline: {o['instances_per_s']:.1f} instances/s", flush=True)
     sections: dict[str, dict[str, Any]] = {}
     for w in workloads:
         data = run_workload(w, concurrencies, warmup_s, duration_s, args.device, args.servers)
+        if w.name in offline:
+            data["offline"] = offline[w.name]
         if w.report_flops and matmul:
             add_flop_rates(w, data["results"], matmul)
         data["settings"] = {

@@ -37,7 +37,7 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
     "backend": (str, "torch, or onnx (each checkpoint's model.onnx, from credence-export)"),
     "precision": (
         str,
-        "float32, or bfloat16 or float16 for MC-dropout models' layers (torch backend)",
+        "float32, or bfloat16 or float16 for MC-dropout MLPs' layers (torch backend)",
     ),
     "cuda_graphs": (str, "true: MC-dropout draws replayed from CUDA graphs (on CUDA)"),
     "batch_invariant": (str, "true: a seeded request gets the same bits in any batch (slower)"),

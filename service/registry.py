@@ -23,6 +23,7 @@ from service.errors import ApiError
 from service.onnx_backend import load_onnx
 from service.settings import Settings
 from training.calibration import Calibration, CalibrationError, parse_calibration
+from training.architectures import arch_name
 from training.checkpoint import (
     NAME_PATTERN,
     CheckpointError,
@@ -222,7 +223,7 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
             precision = settings.precision
         else:
             log.warning(
-                "%s v%d: precision %s applies to MC-dropout models; this %s model "
+                "%s v%d: precision %s applies to MC-dropout MLPs; this %s model "
                 "serves in float32",
                 spec.name,
                 spec.version,
@@ -238,6 +239,10 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
     return LoadedModel(spec, model, device, path, small=small, precision=precision)
 
 
+def arch_of(spec: ModelSpec) -> str:
+    return arch_name((spec.manifest.get("model") or {}).get("arch") or {})
+
+
 def graphed(
     module: PosteriorModel, spec: ModelSpec, device: torch.device, settings: Settings
 ) -> Sampler:
@@ -247,7 +252,7 @@ def graphed(
     if device.type != "cuda":
         why = f"the model is on {device.type}, not CUDA"
     elif not isinstance(module, MCDropoutMLP):
-        why = f"they apply to MC-dropout models; this is a {spec.method} model"
+        why = f"they apply to MC-dropout MLPs; this is a {spec.method} {arch_of(spec)}"
     if why is None:
         return GraphedSampler(module, settings.max_batch_rows)
     log.warning("%s v%d: cuda_graphs ignored: %s", spec.name, spec.version, why)

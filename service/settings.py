@@ -64,13 +64,13 @@ class Settings(BaseSettings):
     backend: Backend = Field("torch", description="torch, or onnx: each checkpoint's model.onnx")
     precision: Precision = Field(
         "float32",
-        description="bfloat16 or float16: MC-dropout models' layers in 16 bits, products "
+        description="bfloat16 or float16: MC-dropout MLPs' layers in 16 bits, products "
         "accumulated in float32 (bfloat16 on AMX CPUs and CUDA, float16 on CUDA); other models "
         "stay float32",
     )
     cuda_graphs: bool = Field(
         False,
-        description="replay MC-dropout models' draws from CUDA graphs, one per bucket of "
+        description="replay MC-dropout MLPs' draws from CUDA graphs, one per bucket of "
         "batch rows and draws (on CUDA; elsewhere ignored with a warning)",
     )
     batch_invariant: bool = Field(

@@ -161,7 +161,7 @@ def test_16_bit_precision_serves_mc_dropout_in_16_bits_and_other_methods_in_floa
     assert dropout.precision == precision
     assert dropout.model.layers[0].weight.dtype == getattr(torch, precision)
     assert bayes.precision == "float32"
-    assert f"bayes v1: precision {precision} applies to MC-dropout models" in caplog.text
+    assert f"bayes v1: precision {precision} applies to MC-dropout MLPs" in caplog.text
     float32 = Registry.load(tmp_path, torch.device("cpu"), make_settings(tmp_path))
     x, seeds = torch.randn(5, 3), torch.arange(5)
     full = float32.resolve("dropout").model.sample(x, 30, seeds)

@@ -335,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unused = sorted(set(arch_options) - set(ARCHITECTURES[args.arch].defaults))
     if unused:
         flags = ", ".join("--" + key.replace("_", "-") for key in unused)
-        parser.error(f"{flags} do not apply to --arch {args.arch}")
+        verb = "does" if len(unused) == 1 else "do"
+        parser.error(f"{flags} {verb} not apply to --arch {args.arch}")
     shape = list(train.input_shape)
     if len(shape) != ARCHITECTURES[args.arch].input_rank:
         suggestion = {1: "mlp", 2: "lstm or gru", 3: "cnn"}.get(len(shape), "none")
