@@ -22,8 +22,8 @@ from service.cuda_graphs import GraphedSampler
 from service.errors import ApiError
 from service.onnx_backend import load_onnx
 from service.settings import Settings
-from training.calibration import Calibration, CalibrationError, parse_calibration
 from training.architectures import arch_name
+from training.calibration import Calibration, CalibrationError, parse_calibration
 from training.checkpoint import (
     NAME_PATTERN,
     CheckpointError,
@@ -223,8 +223,7 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
             precision = settings.precision
         else:
             log.warning(
-                "%s v%d: precision %s applies to MC-dropout MLPs; this %s model "
-                "serves in float32",
+                "%s v%d: precision %s applies to MC-dropout MLPs; this %s model serves in float32",
                 spec.name,
                 spec.version,
                 settings.precision,
