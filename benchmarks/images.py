@@ -11,8 +11,8 @@ max-softmax against MNIST-5k (all 5,000 images), Gaussian noise images (N(0.5, 1
 
     .venv/bin/python benchmarks/images.py [--quick] [--models models-images]
 
-Writes docs/results/images.md and docs/results/images-reliability.png; the checkpoints go to
---models (benchmarks/serve.py's CNN workload serves the MC-dropout one).
+Writes docs/results/images.md and docs/results/images-reliability.png (--out NAME.md: and
+NAME-reliability.png); the checkpoints go to --models.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def runs(quick: bool) -> list[Run]:
     return [
         Run("mc-dropout-cnn", "mc_dropout", {"dropout": 0.1}, [32, 64], [128], epochs or 20),
         Run("ensemble-cnn", "ensemble", {"members": 5}, [16, 32], [64], epochs or 15),
+        Run("laplace-cnn", "laplace", {}, [32, 64], [128], epochs or 15),
         Run(
             "mnist-mc-dropout-cnn",
             "mc_dropout",
@@ -170,7 +171,7 @@ def plot(done: list[Run], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def report(done: list[Run], command: str, threads: int) -> str:
+def report(done: list[Run], command: str, threads: int, out: Path) -> str:
     lines = [
         "# Images: accuracy, calibration and OOD detection",
         "",
@@ -213,7 +214,7 @@ def report(done: list[Run], command: str, threads: int) -> str:
         "",
         f"Published marks: {PUBLISHED}",
         "",
-        "![reliability diagrams](images-reliability.png)",
+        f"![reliability diagrams]({out.stem}-reliability.png)",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine_line(machine_record(), threads)}",
@@ -237,10 +238,10 @@ def main() -> None:
         evaluate(run, args.models, args.threads)
         print(f"{run.name}: {run.results['plain']} in {run.results['seconds']:.0f} s", flush=True)
     command = "python benchmarks/images.py " + " ".join(sys.argv[1:])
-    text = report(chosen, command, args.threads)
+    text = report(chosen, command, args.threads, args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    plot(chosen, args.out.with_name("images-reliability.png"))
+    plot(chosen, args.out.with_name(f"{args.out.stem}-reliability.png"))
     print(text)
 
 

@@ -1106,7 +1106,9 @@ Workloads ({", ".join(w.name for w in workloads)}): untrained MC-dropout checkpo
 (timing does not depend on the weights), one instance per request. **small** is a
 13 -> 50 -> 1 regression at num_samples = 100, where the model is cheap and the per-request
 overhead of HTTP, JSON and Python decides; **large** is a 784 -> 1024 -> 1024 -> 10
-classifier at num_samples = 64, where the matrix products decide.
+classifier at num_samples = 64, where the matrix products decide; **cnn** (run only when
+named) is the Fashion-MNIST MC-dropout CNN of benchmarks/images.py at num_samples = 32, one
+image per request, where the convolutions decide.
 
 A closed-loop load generator (raw asyncio streams, HTTP/1.1 keep-alive, one connection per
 in-flight request) keeps C requests in flight for {duration_s:g} s after a {warmup_s:g} s
@@ -1115,7 +1117,7 @@ in its own process, with a checkpoint dir holding only that workload's model:
 
 - **credence**: `credence-serve --model-dir DIR --port P --device {args.device}
   --log-level warning` (defaults otherwise: dynamic batching; the small model's batches
-  computed one at a time on the event loop's thread, the large one's one per core in a
+  computed one at a time on the event loop's thread, the large and cnn ones' one per core in a
   worker process each, one torch thread per batch; the server's CPU time includes its
   worker processes').
 - **credence-v2** (small workload only): the same server, sent the same requests as Open

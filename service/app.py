@@ -33,7 +33,7 @@ from service.docs import add_docs
 from service.errors import ApiError, Problem, error_body
 from service.gateway import FastRoute, Gateway, header, internal_error, native_error
 from service.metrics import Metrics
-from service.registry import FailedModel, LoadedModel, ModelEntry, ModelSpec, Registry
+from service.registry import FailedModel, LoadedModel, ModelEntry, ModelSpec, Registry, arch_of
 from service.schemas import document
 from service.settings import Settings, resolve_device
 from training.summaries import Summary
@@ -95,6 +95,7 @@ def model_detail(entry: ModelEntry) -> dict:
         detail.update(
             task=spec.task,
             method=spec.method,
+            architecture=arch_of(spec),
             input={
                 "shape": list(spec.input_shape),
                 "dtype": str(spec.dtype).removeprefix("torch."),

@@ -29,3 +29,14 @@ def test_methods_table_lists_every_method():
     for name in METHODS:
         rows = [line for line in README.splitlines() if line.startswith("| `")]
         assert any(f"`{name}`" in row.split("|")[1] for row in rows), name
+
+
+def test_architectures_table_lists_every_architecture_and_method():
+    from training.architectures import ARCHITECTURES
+
+    table = README.split("| architecture |", 1)[1].split("\n\n", 1)[0]
+    header = table.splitlines()[0]
+    for name in METHODS:
+        assert f"`{name}`" in header, name
+    for name in ARCHITECTURES:
+        assert f"| `{name}`" in table, name

@@ -15,6 +15,7 @@ variational inference puts a Gaussian on each of them, and last-layer Laplace ta
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,15 +40,15 @@ class Site(nn.Module):
     def __init__(self, p: float, width: int, kind: str = "element"):
         super().__init__()
         self.p, self.width, self.kind = float(p), int(width), kind
-        self.keys: torch.Tensor | None = None  # [rows] while keyed
 
     def mask(self, rows: int, like: torch.Tensor) -> torch.Tensor | None:
         """Scaled keep mask [rows, width], or None where nothing is dropped."""
         if self.p == 0:
             return None
         keep = 1 - self.p
-        if self.keys is not None:
-            kept = rng.bernoulli_bits(self.keys, self.width, keep) != 0
+        keys = getattr(_KEYED, "keys", {}).get(id(self))
+        if keys is not None:
+            kept = rng.bernoulli_bits(keys, self.width, keep) != 0
         elif self.training:
             kept = torch.rand(rows, self.width, device=like.device) < keep
         else:
@@ -61,16 +62,19 @@ class Site(nn.Module):
         return h * (m.view(*m.shape, 1, 1) if self.kind == "channel" else m)
 
 
+_KEYED = threading.local()  # this thread's {id(site): keys [rows]} under `keyed`
+
+
 @contextmanager
 def keyed(sites: list[Site], keys: list[torch.Tensor | None]) -> Iterator[None]:
-    """Masks from the given per-row keys (one tensor [rows] per site) for the duration."""
-    for site, k in zip(sites, keys, strict=True):
-        site.keys = k
+    """Masks from the given per-row keys (one tensor [rows] per site) for the duration, in
+    this thread only: threads sampling one model at once each use their own keys."""
+    previous = getattr(_KEYED, "keys", {})
+    _KEYED.keys = {id(s): k for s, k in zip(sites, keys, strict=True) if k is not None}
     try:
         yield
     finally:
-        for site in sites:
-            site.keys = None
+        _KEYED.keys = previous
 
 
 class Recurrent(nn.Module):
@@ -115,7 +119,8 @@ class Recurrent(nn.Module):
                 hr, hz, hn = hh.chunk(3, dim=-1)
                 r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
                 h = (1 - z) * torch.tanh(xn + r * hn) + z * h
-            states.append(h)
+            if self.sequence:
+                states.append(h)
         return torch.stack(states, dim=1) if self.sequence else h
 
 
