@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import cpu_model, write_report
+from machine import cpu_model, median_ms, write_report
 
 from training.build import build_model
 from training.model import PosteriorModel
@@ -59,17 +56,6 @@ def build(method: str) -> PosteriorModel:
     return model.eval()
 
 
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up, in milliseconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def measure(method: str, rows: int, repeats: int) -> dict[str, float]:
     model = build(method)
     x = torch.randn(rows, IN_FEATURES)
@@ -80,10 +66,10 @@ def measure(method: str, rows: int, repeats: int) -> dict[str, float]:
         for _ in range(DRAWS):
             model.sample(x, 1, one)
 
-    single = best_ms(lambda: model.sample(x, 1, one), repeats)
-    vectorized = best_ms(lambda: model.sample(x, DRAWS, one), repeats)
-    looped = best_ms(loop, max(1, repeats // 2))
-    mixed = best_ms(lambda: model.sample(x, DRAWS, eight), repeats)
+    single = median_ms(lambda: model.sample(x, 1, one), repeats)
+    vectorized = median_ms(lambda: model.sample(x, DRAWS, one), repeats)
+    looped = median_ms(loop, max(1, repeats // 2))
+    mixed = median_ms(lambda: model.sample(x, DRAWS, eight), repeats)
     return {"n1": single, "n100": vectorized, "loop": looped, "mixed": mixed}
 
 

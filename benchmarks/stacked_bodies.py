@@ -13,30 +13,17 @@ Prints a markdown table and writes it to docs/results/stacked-bodies.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import machine_line, machine_record, write_report
+from machine import machine_line, machine_record, median_ms, write_report
 
 from training.architectures import arch_config
 from training.build import MODEL_TYPES
 
 ROWS = (1, 4, 16, 32, 64, 128)
 MEMBERS = 5
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
