@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch; on a GPU machine override it, e.g. TORCH_SPEC='torch==2.13.0'
 # with PIP_INDEX_URL pointing at the CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
-# Debian's Fashion-MNIST package (image benchmarks and tests); apt-get as root, else sudo
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# Debian packages the tests use: Fashion-MNIST (the image sets) and Prometheus with promtool
+# (tests/test_prometheus.py); apt-get as root, else sudo
+DEB_PACKAGES := dataset-fashion-mnist prometheus
 APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 MODEL_DIR ?= models
 HOST ?= 127.0.0.1
@@ -17,8 +18,10 @@ PORT ?= 8000
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@test -d $(FASHION_MNIST) || $(APT_GET) install -y --no-install-recommends dataset-fashion-mnist \
-		|| echo "note: no Fashion-MNIST ($(FASHION_MNIST)); as root: apt-get install dataset-fashion-mnist"
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	test -z "$$missing" || $(APT_GET) install -y --no-install-recommends $$missing \
+		|| ($(APT_GET) update && $(APT_GET) install -y --no-install-recommends $$missing) \
+		|| echo "note: not installed: $$missing (as root: apt-get install $$missing)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'

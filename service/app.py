@@ -87,6 +87,23 @@ def version_state(model: LoadedModel | FailedModel) -> dict:
     }
 
 
+def describe(metrics: Metrics, registry: Registry, settings: Settings) -> None:
+    """Each loaded version's info and OOD baseline, for dashboards and alert rules."""
+    for loaded in registry.loaded():
+        spec = loaded.spec
+        labels = (spec.name, str(spec.version))
+        metrics.model_info.labels(
+            *labels,
+            spec.method,
+            arch_of(spec),
+            settings.backend,
+            str(loaded.device),
+            loaded.precision,
+        ).set(1)
+        if spec.ood is not None:
+            metrics.ood_reference_fpr.labels(*labels).set(spec.ood.fpr)
+
+
 def model_detail(entry: ModelEntry) -> dict:
     detail = model_summary(entry)
     default = entry.versions.get(entry.default_version) if entry.default_version else None
@@ -224,6 +241,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for batcher in batchers.values():
             batcher.start()
         await asyncio.gather(*(batcher.ready() for batcher in batchers.values()))
+        describe(metrics, registry, settings)
         metrics.model_versions.labels("loaded").set(len(registry.loaded()))
         metrics.model_versions.labels("failed").set(len(registry.failed()))
         log.info(

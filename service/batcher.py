@@ -84,6 +84,7 @@ class Batcher:
         self.inference_seconds = metrics.inference.labels(*self.labels)
         self.uncertainty = metrics.uncertainty
         self.ood_predictions = metrics.ood.labels(*self.labels)
+        self.predictions = metrics.predictions.labels(*self.labels)
         self._carry: Job | None = None  # took it, but it did not fit in the last batch
         self._task: asyncio.Task | None = None
         self._expiry: asyncio.Task | None = None
@@ -360,8 +361,9 @@ class Batcher:
         return outcomes
 
     def _count_ood(self, summary: Summary) -> None:
-        """Count the group's OOD flags (service.workers.summarize_batch made them), whichever
-        protocols answer its requests."""
+        """Count the group's predictions and OOD flags (service.workers.summarize_batch made
+        them), whichever protocols answer its requests."""
+        self.predictions.inc(len(next(iter(summary.values()))))
         if "ood" in summary and (flagged := int(summary["ood"].sum())):
             self.ood_predictions.inc(flagged)
 

@@ -142,6 +142,26 @@ class Metrics:
             MODEL,
             registry=r,
         )
+        self.predictions = Counter(
+            "credence_predictions",
+            "Served predictions (instances answered with summaries), by model: the "
+            "denominator of the OOD flag rate.",
+            MODEL,
+            registry=r,
+        )
+        self.ood_reference_fpr = Gauge(
+            "credence_ood_reference_fpr",
+            "The share of in-distribution predictions the model's OOD flag is set to fire on "
+            "(its validation rows' false-positive rate); the baseline of the flag rate.",
+            MODEL,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "credence_model_info",
+            "1 for every loaded model version, its description in the labels.",
+            [*MODEL, "method", "architecture", "backend", "device", "precision"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.model_versions = Gauge(
             "credence_model_versions",

@@ -94,7 +94,9 @@ def test_held_out_points_are_rarely_flagged_and_the_gap_and_far_points_always(tr
             for i, row in enumerate(test.x.tolist())
         ]
         held = [r.json()["predictions"][0] for r in live.gather(*calls)]
-        before = metric_value(live.get("/metrics").text, count, **labels)
+        page = live.get("/metrics").text
+        before = metric_value(page, count, **labels)
+        assert metric_value(page, "credence_predictions_total", **labels) == len(test)
         out = live.post(url, json={"instances": far, "parameters": {"seed": 1}})
         after = metric_value(live.get("/metrics").text, count, **labels)
     held_flags = [p["ood"] for p in held]
