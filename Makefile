@@ -40,8 +40,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check training service tests benchmarks
-	$(BIN)/ruff format --check training service tests benchmarks
+	$(BIN)/ruff check training service tests benchmarks examples
+	$(BIN)/ruff format --check training service tests benchmarks examples
 
 format: install
 	$(BIN)/ruff format training service tests benchmarks
