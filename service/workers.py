@@ -15,6 +15,7 @@ batch never blocks the event loop on a full socket buffer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import signal
 import socket
@@ -31,6 +32,7 @@ from service.cuda_graphs import GraphedSampler
 from service.onnx_backend import OnnxSampler
 from service.registry import LoadedModel, load_version
 from service.settings import Settings
+from training import segments
 from training.attributions import Explain, attribute, summarize_attributions
 from training.calibration import summarize
 from training.summaries import Summary, per_draw
@@ -84,9 +86,15 @@ def explain_group(
 ) -> Summary:
     """A group's attributions summarized across draws (training.attributions), and for a
     variational model its first layer's posterior signal-to-noise per input, on every row
-    (a request's rows are sliced like any summary's)."""
+    (a request's rows are sliced like any summary's). Each request's per-draw attributions
+    are made and summarized on their own: a request's fit the cap protocol.MAX_ATTRIBUTIONS
+    sets, a group's need not."""
     module = loaded.module
-    summary = summarize_attributions(attribute(module, x, n, seeds, explain), levels, explain)
+    parts = [
+        summarize_attributions(attribute(module, x[a:b], n, seeds[a:b], explain), levels, explain)
+        for a, b in itertools.pairwise(segments.offsets(segments.runs(seeds)))
+    ]
+    summary = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     if hasattr(module, "input_snr"):
         snr = module.input_snr().double()
         summary["posterior_snr"] = snr.unsqueeze(0).expand(x.shape[0], -1).contiguous()
