@@ -39,11 +39,14 @@ class DropoutNet(PosteriorModel):
         return self.raw_draws(self.normalizer.inputs(x), n, seeds)
 
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        return self.raw_draws_at(z.unsqueeze(0).expand(n, *z.shape), seeds)
+        return self._keyed_draws(z.unsqueeze(0).expand(n, *z.shape), seeds)
 
     def raw_draws_at(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """Draw s of every row on its own inputs z[s] ([n, rows, ...]; `raw_draws` passes one
-        copy expanded): the body runs on [draws x rows] either way."""
+        return self._keyed_draws(z, seeds)
+
+    def _keyed_draws(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Draw s of every row on its inputs z[s] ([n, rows, ...]; `raw_draws` passes one
+        copy expanded, `raw_draws_at` one per draw): the body runs on [draws x rows]."""
         n, rows = z.shape[:2]
         keys = [
             rng.draw_keys(seeds, n, stream=i) if site.p > 0 else None
