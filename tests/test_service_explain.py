@@ -249,3 +249,13 @@ def test_explain_is_counted_and_answers_alike_from_a_worker_process(
     with serve(make_settings(model_dir, batch_workers=1)) as other:
         there = other.post("/v1/models/reg:explain", json=body).json()
     assert there == here
+
+
+def test_an_explanation_past_its_deadline_is_a_504(served: Client) -> None:
+    """Attributions take a pass per output and path point: the client's deadline holds."""
+    images = load_data("digits").test.x[:1].tolist()
+    body = {"instances": images, "parameters": {"steps": 64, "num_samples": 50,
+                                                 "timeout_ms": 1}}  # fmt: skip
+    response = served.post("/v1/models/digits:explain", json=body)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "deadline_exceeded"

@@ -13,6 +13,12 @@ request's draws agree with its draws alone to float rounding, and cost less to c
 Inputs go in, and draws come out, in original units: the model carries its normalization.
 Regression draws hold the per-draw Gaussian mean and variance side by side on the last axis
 ([..., :k] and [..., k:]); classification draws are logits.
+
+For attributions a model also gives its draws at per-draw inputs, with autograd on:
+
+    path_draws(z: Tensor[n, B, *input_shape] (standardized), seeds: Tensor[B]) -> [n, B, *out]
+
+draw s on z[s] alone, the same draw `sample` makes for index s of each row's seed.
 """
 
 from __future__ import annotations
