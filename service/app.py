@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Scope
 
-from service import protocol, v2_routes
+from service import explain, protocol, v2_routes
 from service.auth import Keys, keys_of
 from service.batcher import Batcher, Columns, Render
 from service.cpus import available_cores
@@ -42,7 +42,7 @@ log = logging.getLogger("credence.app")
 JSON = "application/json"
 # {name} and {version} match one path segment each, like Starlette's default convertor.
 PREDICT_PATH = re.compile(
-    r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:(?P<verb>predict|sample|acquire)"
+    r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:(?P<verb>predict|sample|acquire|explain)"
 )
 # Newer FastAPI instruments every request for OpenTelemetry and, even with no provider set
 # up, reads the environment per request to find out (a tenth of the event loop's time
@@ -195,7 +195,8 @@ class App(FastAPI):
 
 def native_decode(settings: Settings) -> Decode:
     """The native codec (service.protocol) in the data plane's shape: `verb` is the route's
-    :predict, :sample (the draws) or :acquire (a pool's best points to label)."""
+    :predict, :sample (the draws), :acquire (a pool's best points to label) or :explain
+    (attributions, service.explain)."""
 
     def decode(
         body: bytes, verb: str, scope: Scope, spec: ModelSpec
@@ -204,6 +205,10 @@ def native_decode(settings: Settings) -> Decode:
         req = protocol.parse_predict(body, spec, settings.max_instances, verb)
 
         def renderer(seed: int) -> Render:
+            if verb == "explain":
+                return partial(
+                    explain.render_explanations, spec, req.num_samples, seed, req.explain
+                )
             if verb == "acquire":
                 return partial(
                     protocol.render_acquired, spec, req.num_samples, seed, req.acquisition, req.k
@@ -213,7 +218,8 @@ def native_decode(settings: Settings) -> Decode:
             render = protocol.render_draws if verb == "sample" else protocol.render
             return partial(render, spec, req.num_samples, seed)
 
-        return req, renderer, draw_columns if verb == "sample" else protocol.predictions
+        columns = {"sample": draw_columns, "explain": explain.explain_rows}
+        return req, renderer, columns.get(verb, protocol.predictions)
 
     return decode
 

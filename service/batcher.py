@@ -34,6 +34,7 @@ from service.metrics import Metrics
 from service.registry import LoadedModel, ModelSpec
 from service.settings import Settings
 from service.workers import Group, WorkerProcess, release_weights, summarize_batch
+from training.attributions import Explain
 from training.summaries import Summary
 
 log = logging.getLogger("credence.batcher")
@@ -60,6 +61,7 @@ class Job:
     columns: Columns
     deadline: float  # event-loop time
     future: asyncio.Future = field(repr=False)
+    explain: Explain | None = None  # :explain: attributions instead of summaries
 
     @property
     def rows(self) -> int:
@@ -107,6 +109,8 @@ class Batcher:
             self._idle.put_nowait(process)
         if self.processes:
             release_weights(self.loaded.model)
+            if self.loaded.module is not self.loaded.model:
+                release_weights(self.loaded.module)
         else:
             self._idle.put_nowait(None)
         self._task = loop.create_task(self._run(), name=self.labels[0])
@@ -156,14 +160,18 @@ class Batcher:
         render: Render,
         columns: Columns,
         timeout_s: float | None = None,
+        explain: Explain | None = None,
     ) -> Any:
         """Queue one request and wait for its rendered response, `request_timeout_s` at most,
         or the client's `timeout_s` where that is shorter. The batcher knows no protocol:
-        `columns` and `render` are the request's codec's."""
+        `columns` and `render` are the request's codec's. With `explain` the request's
+        summary is its attributions (training.attributions)."""
         loop = asyncio.get_running_loop()
         timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = loop.time() + timeout
-        job = Job(x, num_samples, levels, seed, render, columns, deadline, loop.create_future())
+        job = Job(
+            x, num_samples, levels, seed, render, columns, deadline, loop.create_future(), explain
+        )
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -233,7 +241,10 @@ class Batcher:
         start = time.perf_counter()
         try:
             x, seeds, groups, members = self._plan(batch)
-            if worker is None:
+            if worker is None and any(group[4] is not None for group in groups):
+                # attributions take a gradient pass per output: a thread keeps the loop free
+                summaries = await asyncio.to_thread(summarize_batch, self.loaded, x, seeds, groups)
+            elif worker is None:
                 summaries = summarize_batch(self.loaded, x, seeds, groups)
             else:
                 summaries = await worker.compute(x, seeds, groups)
@@ -306,25 +317,25 @@ class Batcher:
         self, batch: list[Job]
     ) -> tuple[torch.Tensor, torch.Tensor, list[Group], list[list[int]]]:
         """The batch's inputs and seeds (a row each), and its requests grouped by
-        (num_samples, levels): each group's rows (None: all of them), its requests' sizes
-        (None: the model may multiply over the whole group) and its members.
+        (num_samples, levels, explain): each group's rows (None: all of them), its requests'
+        sizes (None: the model may multiply over the whole group) and its members.
 
         Per request it makes no torch call: on a small model each one is a measurable share
         of the batch (a seed tensor and a row index per request were a sixth of it)."""
         x = torch.from_numpy(np.concatenate([job.x for job in batch]))
         seeds = torch.tensor([job.seed for job in batch for _ in range(job.rows)])
         offsets = [0]
-        by_key: dict[tuple[int, tuple[float, ...] | None], list[int]] = {}
+        by_key: dict[tuple[int, tuple[float, ...] | None, Explain | None], list[int]] = {}
         for i, job in enumerate(batch):
             offsets.append(offsets[-1] + job.rows)
-            by_key.setdefault((job.num_samples, job.levels), []).append(i)
+            by_key.setdefault((job.num_samples, job.levels, job.explain), []).append(i)
         groups: list[Group] = []
-        for (n, levels), members in by_key.items():
+        for (n, levels, explain), members in by_key.items():
             rows = None
             if len(members) < len(batch):  # this group's rows only
                 rows = [row for i in members for row in range(offsets[i], offsets[i + 1])]
             sizes = [batch[i].rows for i in members] if self.batch_invariant else None
-            groups.append((n, levels, rows, sizes))
+            groups.append((n, levels, rows, sizes, explain))
         return x, seeds, groups, list(by_key.values())
 
     def _render(
@@ -338,8 +349,10 @@ class Batcher:
         the group's columns are made once per protocol among its requests."""
         spec = self.loaded.spec
         outcomes: list[Any] = [None] * len(batch)
-        for (_, levels, _, _), indices, summary in zip(groups, members, summaries, strict=True):
-            if levels is not None:  # a :sample group's summary is its draws
+        for (_, levels, _, _, explain), indices, summary in zip(
+            groups, members, summaries, strict=True
+        ):
+            if levels is not None and explain is None:  # :sample's are draws, :explain's not
                 self._observe_uncertainty(summary)
                 self._count_ood(summary)
             made: dict[Columns, Any] = {}

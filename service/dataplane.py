@@ -56,7 +56,14 @@ def predict_handler(
             seed = req.seed if req.seed is not None else UNSEEDED.getrandbits(63)
             batcher: Batcher = app.state.batchers[loaded.key]
             payload = await batcher.submit(
-                req.x, req.num_samples, req.levels, seed, renderer(seed), columns, req.timeout_s
+                req.x,
+                req.num_samples,
+                req.levels,
+                seed,
+                renderer(seed),
+                columns,
+                req.timeout_s,
+                req.explain,
             )
             status = 200
             await send_reply(send, payload)

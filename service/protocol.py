@@ -23,6 +23,8 @@ from service import images
 from service.errors import ApiError, Location, Problem
 from service.gateway import Reply
 from service.registry import ModelSpec
+from training import attributions
+from training.attributions import Explain
 from training.calibration import method_name
 from training.summaries import Summary
 
@@ -32,7 +34,20 @@ PARAMETERS = {  # by route verb: :sample returns draws, not intervals
     "predict": ("num_samples", "credible_levels", "seed", "timeout_ms"),
     "sample": ("num_samples", "seed", "timeout_ms"),
     "acquire": ("num_samples", "seed", "k", "acquisition", "timeout_ms"),
+    "explain": (
+        "num_samples",
+        "credible_levels",
+        "seed",
+        "method",
+        "steps",
+        "quantity",
+        "outputs",
+        "timeout_ms",
+    ),
 }
+# per-draw attributions one :explain request may ask for (draws x instances x outputs x
+# input elements): 64 MiB of float32, a few times that in the response
+MAX_ATTRIBUTIONS = 1 << 24
 # what :acquire ranks a pool by, per task (the first is the default): BALD is the mutual
 # information between a point's label and the weights (Houlsby et al. 2011); a regression
 # model's counterpart is its epistemic variance (summed over targets)
@@ -68,6 +83,7 @@ class PredictRequest:
     seed: int | None
     k: int = 0  # :acquire: how many of the pool to return, by `acquisition`
     acquisition: str | None = None
+    explain: Explain | None = None  # :explain: what to attribute (training.attributions)
     timeout_s: float | None = None  # the client's deadline, if it set one (it only shortens)
 
 
@@ -174,8 +190,8 @@ def check_content_type(value: str | None) -> None:
 def parse_predict(
     body: bytes, spec: ModelSpec, max_instances: int, verb: str = "predict"
 ) -> PredictRequest:
-    """Validate the body of a :predict, :sample or :acquire request (`verb`) against `spec`;
-    raises ApiError (400 / 422) listing problems."""
+    """Validate the body of a :predict, :sample, :acquire or :explain request (`verb`)
+    against `spec`; raises ApiError (400 / 422) listing problems."""
     data = load_json(body, _native_keys)
     if not isinstance(data, dict):
         raise ApiError.single(
@@ -195,11 +211,94 @@ def parse_predict(
     k, acquisition = 0, None
     if verb == "acquire" and x is not None:
         k, acquisition = _acquisition(parameters, spec, len(x), problems)
+    explain = None
+    if verb == "explain" and x is not None:
+        explain = _explain(parameters, spec, problems)
+        _check_attribution_size(spec.draws(num_samples), x, explain, problems)
     timeout_s = _timeout(parameters, problems)
     if problems or x is None:
         raise ApiError(422, problems[:MAX_PROBLEMS])
     levels = None if verb == "sample" else levels
-    return PredictRequest(x, spec.draws(num_samples), levels, seed, k, acquisition, timeout_s)
+    n = spec.draws(num_samples)
+    return PredictRequest(x, n, levels, seed, k, acquisition, explain, timeout_s)
+
+
+def _explain(parameters: object, spec: ModelSpec, problems: list[Problem]) -> Explain:
+    """:explain's method, steps (integrated gradients only), quantity and outputs (names or
+    indices of targets or classes; default all), each checked where it is."""
+    values = parameters if isinstance(parameters, dict) else {}
+    method = values.get("method", attributions.METHODS[0])
+    if method not in attributions.METHODS:
+        message = f"method must be one of {', '.join(attributions.METHODS)}, got {describe(method)}"
+        problems.append(Problem("invalid_value", message, ("parameters", "method")))
+        method = attributions.METHODS[0]
+    steps = attributions.DEFAULT_STEPS if method == "integrated_gradients" else 1
+    if "steps" in values and method != "integrated_gradients":
+        message = f"steps applies to integrated_gradients; {method} takes one gradient"
+        problems.append(Problem("unknown_parameter", message, ("parameters", "steps")))
+    elif "steps" in values:
+        allowed = "an integer from 1 to {high}, the points on the path from the baseline"
+        steps = (
+            _integer(values, "steps", 1, attributions.MAX_STEPS, allowed, problems)
+            or attributions.DEFAULT_STEPS
+        )
+    choices = attributions.QUANTITIES[spec.task]
+    quantity = values.get("quantity", choices[0])
+    if quantity not in choices:
+        message = (
+            f"quantity must be one of {', '.join(choices)} for a {spec.task} model, "
+            f"got {describe(quantity)}"
+        )
+        problems.append(Problem("invalid_value", message, ("parameters", "quantity")))
+        quantity = choices[0]
+    outputs = _outputs(values.get("outputs"), spec, problems)
+    return attributions.Explain(method, steps, quantity, outputs)
+
+
+def _outputs(value: object, spec: ModelSpec, problems: list[Problem]) -> tuple[int, ...]:
+    """The outputs to explain, as indices: every output when absent."""
+    names, location = spec.output_names, ("parameters", "outputs")
+    if value is None:
+        return tuple(range(len(names)))
+    if not isinstance(value, list) or not value:
+        message = (
+            f"outputs must be a non-empty list of output names {list(names)} or indices "
+            f"from 0 to {len(names) - 1}, got {describe(value)}"
+        )
+        problems.append(Problem("wrong_type", message, location))
+        return (0,)
+    chosen: list[int] = []
+    for i, item in enumerate(value):
+        index = names.index(item) if isinstance(item, str) and item in names else None
+        if type(item) is int and 0 <= item < len(names):
+            index = item
+        if index is None:
+            message = (
+                f"outputs[{i}] must be one of {list(names)} or an index from 0 to "
+                f"{len(names) - 1}, got {describe(item)}"
+            )
+            problems.append(Problem("invalid_value", message, (*location, i)))
+        elif index in chosen:
+            message = f"outputs[{i}] names output {names[index]!r} again"
+            problems.append(Problem("duplicate_output", message, (*location, i)))
+        else:
+            chosen.append(index)
+    return tuple(chosen) or (0,)
+
+
+def _check_attribution_size(
+    n: int, x: np.ndarray, explain: Explain, problems: list[Problem]
+) -> None:
+    """Refuse a request whose per-draw attributions would not fit MAX_ATTRIBUTIONS."""
+    size = n * x.shape[0] * len(explain.outputs) * math.prod(x.shape[1:])
+    if size > MAX_ATTRIBUTIONS:
+        message = (
+            f"{n} draws x {x.shape[0]} instances x {len(explain.outputs)} outputs x "
+            f"{math.prod(x.shape[1:])} input elements are {size} attributions; this server "
+            f"computes at most {MAX_ATTRIBUTIONS} per request: send fewer instances, "
+            "outputs or num_samples"
+        )
+        problems.append(Problem("too_large", message, ("instances",)))
 
 
 def _timeout(parameters: object, problems: list[Problem]) -> float | None:

@@ -174,6 +174,9 @@ class LoadedModel:
     path: Path
     small: bool = False  # training.fit.is_small: its batches are many small ops
     precision: str = "float32"  # of the layers: settings.precision where the method has it
+    # the torch module behind `model` (the same object on the eager backend): what :explain
+    # differentiates, whichever backend serves the draws
+    module: PosteriorModel | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -235,7 +238,7 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
     elif settings.cuda_graphs:
         model = graphed(module, spec, device, settings)
     check_model(model, spec, device)
-    return LoadedModel(spec, model, device, path, small=small, precision=precision)
+    return LoadedModel(spec, model, device, path, small, precision, module)
 
 
 def arch_of(spec: ModelSpec) -> str:

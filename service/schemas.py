@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.attributions import DEFAULT_STEPS, MAX_STEPS
+
 STRICT = ConfigDict(extra="forbid")
 
 
@@ -82,6 +84,43 @@ class AcquireBody(PredictBody):
     parameters: AcquireParameters | None = None  # type: ignore[assignment]
 
 
+class ExplainParameters(BaseModel):
+    model_config = STRICT
+    num_samples: int | None = Field(None, ge=1, description="posterior draws to attribute")
+    credible_levels: list[float] | None = Field(
+        None, description="central interval levels of the attributions across draws"
+    )
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    method: Literal["integrated_gradients", "gradient_x_input"] | None = Field(
+        None, description="default integrated_gradients (baseline: the training mean)"
+    )
+    steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description=f"integrated gradients' path points ({DEFAULT_STEPS})"
+    )
+    quantity: Literal["mean", "probability", "log_probability"] | None = Field(
+        None,
+        description="what is attributed per draw: the predictive mean (regression, the "
+        "only choice), each class's probability (the default) or log-probability",
+    )
+    outputs: list[str | int] | None = Field(
+        None, description="targets or classes to explain, by name or index (default all)"
+    )
+    timeout_ms: float | None = Field(None, gt=0)
+
+
+class ExplainBody(PredictBody):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "instances": [[0.1, 2.0, 3.5]],
+                "parameters": {"num_samples": 50, "steps": 16, "seed": 7},
+            }
+        },
+    )
+    parameters: ExplainParameters | None = None  # type: ignore[assignment]
+
+
 class Interval(BaseModel):
     model_config = STRICT
     level: float
@@ -139,6 +178,48 @@ class AcquireAnswer(Answer):
     acquisition: str
     indices: list[int] = Field(description="into the pool, best first")
     scores: list[float]
+
+
+class AttributionInterval(BaseModel):
+    model_config = STRICT
+    level: float
+    lower: list[Any] = Field(description="per output, the input's shape: quantile of the draws")
+    upper: list[Any]
+
+
+class Attributions(BaseModel):
+    model_config = STRICT
+    mean: list[Any] = Field(
+        description="per output, a list over features (an image's [C][H][W]): the mean "
+        "attribution over the posterior draws"
+    )
+    std: list[Any] = Field(description="their standard deviation across draws")
+    intervals: list[AttributionInterval]
+
+
+class Explanation(BaseModel):
+    model_config = STRICT
+    attributions: Attributions
+    prediction: list[float] = Field(description="the attributed quantity at the instance")
+    baseline_prediction: list[float] = Field(description="and at the baseline")
+    convergence_delta: list[float] | None = Field(
+        description="integrated gradients: the largest gap over the draws between a draw's "
+        "attributions' sum and its prediction minus its baseline prediction"
+    )
+
+
+class ExplainAnswer(Answer):
+    method: str
+    steps: int
+    quantity: str
+    outputs: list[str] = Field(description="the outputs explained, in the attributions' order")
+    feature_names: list[str] | None
+    baseline: list[Any] = Field(description="the baseline input: the training mean")
+    posterior_snr: list[float] | None = Field(
+        description="variational models: |mu| / sigma of the first layer's weights, averaged "
+        "over its outputs, per input feature (per input channel for a convolution)"
+    )
+    explanations: list[Explanation]
 
 
 class Problem(BaseModel):
@@ -225,6 +306,7 @@ ROUTES = {  # path -> (summary, request body, answer)
     ),
     "/v1/models/{name}:sample": ("Joint posterior draws", SampleBody, SampleAnswer),
     "/v1/models/{name}:acquire": ("Points worth labelling", AcquireBody, AcquireAnswer),
+    "/v1/models/{name}:explain": ("Attributions per posterior draw", ExplainBody, ExplainAnswer),
     "/v2/models/{name}/infer": ("Open Inference Protocol (V2) infer", InferBody, InferAnswer),
     "/v2/models/{name}/versions/{version}/infer": (
         "Open Inference Protocol (V2) infer, one version",

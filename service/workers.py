@@ -15,6 +15,7 @@ batch never blocks the event loop on a full socket buffer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import signal
 import socket
@@ -31,13 +32,15 @@ from service.cuda_graphs import GraphedSampler
 from service.onnx_backend import OnnxSampler
 from service.registry import LoadedModel, load_version
 from service.settings import Settings
+from training import segments
+from training.attributions import Explain, attribute, summarize_attributions
 from training.calibration import summarize
 from training.summaries import Summary, per_draw
 
 # (num_samples, credible levels or None for the draws themselves (:sample), the batch rows
 # of the group's requests or None for all, the rows of each of its requests or None: see
-# the sampler contract, training.model)
-Group = tuple[int, tuple[float, ...] | None, list[int] | None, list[int] | None]
+# the sampler contract, training.model; what to attribute, for :explain, or None)
+Group = tuple[int, tuple[float, ...] | None, list[int] | None, list[int] | None, Explain | None]
 
 
 @torch.inference_mode()
@@ -51,22 +54,51 @@ def summarize_batch(
     device, spec = loaded.device, loaded.spec
     x, seeds = to_device(x, device), to_device(seeds, device)
     summaries = []
-    for n, levels, rows, sizes in groups:
+    for n, levels, rows, sizes, explain in groups:
         if rows is not None:
             index = torch.tensor(rows, device=device)
-            draws = loaded.model.sample(x[index], n, seeds[index], sizes)
+            group_x, group_seeds = x[index], seeds[index]
         else:
-            draws = loaded.model.sample(x, n, seeds, sizes)
+            group_x, group_seeds = x, seeds
+        if explain is not None:
+            summaries.append(explain_group(loaded, group_x, n, group_seeds, levels, explain))
+            continue
+        draws = loaded.model.sample(group_x, n, group_seeds, sizes)
         if levels is None:  # the model's own draws: a calibration shapes summaries only
             summaries.append(per_draw(spec.task, draws))
         else:  # the spec's calibration (if any) is applied here
             summaries.append(summarize(spec.task, draws, levels, spec.calibration))
     summaries = to_host(summaries, device)
     if spec.ood is not None:  # once per group, for the metrics and every protocol
-        for (_, levels, _, _), summary in zip(groups, summaries, strict=True):
-            if levels is not None:
+        for (_, levels, _, _, explain), summary in zip(groups, summaries, strict=True):
+            if levels is not None and explain is None:
                 summary.update(spec.ood.fields(summary))
     return summaries
+
+
+def explain_group(
+    loaded: LoadedModel,
+    x: torch.Tensor,
+    n: int,
+    seeds: torch.Tensor,
+    levels: tuple[float, ...],
+    explain: Explain,
+) -> Summary:
+    """A group's attributions summarized across draws (training.attributions), and for a
+    variational model its first layer's posterior signal-to-noise per input, on every row
+    (a request's rows are sliced like any summary's). Each request's per-draw attributions
+    are made and summarized on their own: a request's fit the cap protocol.MAX_ATTRIBUTIONS
+    sets, a group's need not."""
+    module = loaded.module
+    parts = [
+        summarize_attributions(attribute(module, x[a:b], n, seeds[a:b], explain), levels, explain)
+        for a, b in itertools.pairwise(segments.offsets(segments.runs(seeds)))
+    ]
+    summary = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    if hasattr(module, "input_snr"):
+        snr = module.input_snr().double()
+        summary["posterior_snr"] = snr.unsqueeze(0).expand(x.shape[0], -1).contiguous()
+    return summary
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -148,7 +180,11 @@ class WorkerProcess:
     ) -> list[Summary]:
         """`summarize_batch` in the process (restarted first if it had died)."""
         await self.ready()
-        header = {"groups": [list(group) for group in groups]}
+        header = {
+            "groups": [
+                [*group[:4], None if group[4] is None else group[4].to_json()] for group in groups
+            ]
+        }
         try:
             writer = self._stream[1]
             writer.write(_encode(header, {"x": x.contiguous(), "seeds": seeds}))
@@ -233,8 +269,14 @@ def _serve(sock: socket.socket, path: str, device: torch.device, settings: Setti
     while (message := _receive_blocking(sock)) is not None:
         header, tensors = _decode(message)
         groups = [
-            (n, None if levels is None else tuple(levels), rows, sizes)
-            for n, levels, rows, sizes in header["groups"]
+            (
+                n,
+                None if levels is None else tuple(levels),
+                rows,
+                sizes,
+                None if explain is None else Explain.from_json(explain),
+            )
+            for n, levels, rows, sizes, explain in header["groups"]
         ]
         try:
             summaries = summarize_batch(loaded, tensors["x"], tensors["seeds"], groups)

@@ -374,3 +374,16 @@ def test_backend_setting_from_environment_and_flag(monkeypatch: pytest.MonkeyPat
         Settings(backend="onnx", precision="bfloat16")
     with pytest.raises(ValidationError, match="cuda_graphs needs backend torch"):
         Settings(backend="onnx", cuda_graphs=True)
+
+
+def test_explain_on_the_onnx_backend_differentiates_the_checkpoints_torch_module(model_dir):
+    """onnxruntime draws no gradients: :explain uses the torch module the checkpoint builds,
+    and answers what the torch backend answers."""
+    body = {"instances": [[0.1, 0.2, 0.3]], "parameters": {"seed": 7, "steps": 8}}
+    answers = []
+    for backend in ("torch", "onnx"):
+        with serve(make_settings(model_dir, backend=backend)) as client:
+            response = client.post("/v1/models/reg:explain", json=body)
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+    assert answers[0] == answers[1]

@@ -128,7 +128,7 @@ def test_routing_errors_are_json(client: Client) -> None:
         ("get", "/nope", 404),
         ("get", "/v1/models/reg:predict", 405),
         ("post", "/v1/models/reg", 405),
-        ("post", "/v1/models/reg:explain", 405),  # the path is GET /v1/models/{name}
+        ("post", "/v1/models/reg:describe", 405),  # no such verb: GET /v1/models/{name}
     ]:
         response = getattr(client, method)(url)
         assert response.status_code == status, (url, response.text)

@@ -42,8 +42,8 @@ def test_a_worker_process_computes_what_the_server_would_for_batches_of_megabyte
     loaded = Registry.load(tmp_path, torch.device("cpu"), settings).resolve("wide")
     x, seeds = torch.randn(256, WIDTH), torch.arange(256) * 7 + 1
     groups = [  # two groups of requests, different num_samples and levels
-        (40, (0.9,), list(range(0, 256, 2)), [1] * 128),
-        (10, (0.5, 0.9), list(range(1, 256, 2)), [1] * 128),
+        (40, (0.9,), list(range(0, 256, 2)), [1] * 128, None),
+        (10, (0.5, 0.9), list(range(1, 256, 2)), [1] * 128, None),
     ]
     expected = summarize_batch(loaded, x, seeds, groups)
 
@@ -82,7 +82,7 @@ def test_a_batch_on_cuda_summarizes_what_the_cpu_does_and_returns_host_tensors(
     on_gpu = Registry.load(tmp_path, torch.device("cuda"), settings).resolve("clf")
     x = torch.randn(64, CLASSIFICATION["arch"]["in_features"])
     seeds = torch.arange(64) * 3 + 1
-    groups = [(200, (0.9,), None)]
+    groups = [(200, (0.9,), None, None, None)]
     expected = summarize_batch(on_cpu, x, seeds, groups)
     for _ in range(3):  # later batches reuse the cached pinned blocks
         got = summarize_batch(on_gpu, x, seeds, groups)

@@ -13,6 +13,12 @@ request's draws agree with its draws alone to float rounding, and cost less to c
 Inputs go in, and draws come out, in original units: the model carries its normalization.
 Regression draws hold the per-draw Gaussian mean and variance side by side on the last axis
 ([..., :k] and [..., k:]); classification draws are logits.
+
+For attributions a model also gives its draws at per-draw inputs, with autograd on:
+
+    path_draws(z: Tensor[n, B, *input_shape] (standardized), seeds: Tensor[B]) -> [n, B, *out]
+
+draw s on z[s] alone, the same draw `sample` makes for index s of each row's seed.
 """
 
 from __future__ import annotations
@@ -94,6 +100,29 @@ class PosteriorModel(nn.Module):
             for a, b in itertools.pairwise(bounds)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def raw_draws_at(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Draw s at its own standardized inputs z[s]: z [n, B, *input_shape], a seed per
+        row -> raw head outputs [n, B, raw_features], differentiable in z.
+
+        Draw s is the draw `raw_draws` makes for index s of each row's seed; what changes is
+        that every draw reads a copy of the inputs of its own, so that the gradient of draw
+        s's outputs with respect to z[s] is that draw's alone (attributions per posterior
+        draw, training.attributions). This fallback runs every draw on every copy and keeps
+        the diagonal (per run of equal seeds: `raw_draws` takes one request's rows): n times
+        the work, for a method without a path of its own."""
+        n, index = z.shape[0], torch.arange(z.shape[0], device=z.device)
+        parts = []
+        for a, b in itertools.pairwise(segments.offsets(segments.runs(seeds))):
+            rows = b - a
+            out = self.raw_draws(z[:, a:b].flatten(0, 1), n, seeds[a:b].repeat(n))
+            parts.append(out.view(n, n, rows, -1)[index, index])  # [n, rows, raw]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def path_draws(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """`raw_draws_at` in original output units (as `sample` gives them), with autograd
+        on: standardized inputs [n, B, *input_shape] -> draws [n, B, *out]."""
+        return self._draws(self.raw_draws_at(z, seeds))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Training pass on standardized inputs: one stochastic draw per row."""

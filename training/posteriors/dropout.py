@@ -39,7 +39,15 @@ class DropoutNet(PosteriorModel):
         return self.raw_draws(self.normalizer.inputs(x), n, seeds)
 
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
-        rows = z.shape[0]
+        return self._keyed_draws(z.unsqueeze(0).expand(n, *z.shape), seeds)
+
+    def raw_draws_at(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        return self._keyed_draws(z, seeds)
+
+    def _keyed_draws(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Draw s of every row on its inputs z[s] ([n, rows, ...]; `raw_draws` passes one
+        copy expanded, `raw_draws_at` one per draw): the body runs on [draws x rows]."""
+        n, rows = z.shape[:2]
         keys = [
             rng.draw_keys(seeds, n, stream=i) if site.p > 0 else None
             for i, site in enumerate(self.sites)
@@ -48,7 +56,7 @@ class DropoutNet(PosteriorModel):
         chunks = []
         for start in range(0, n, step):
             m = min(step, n - start)
-            h = z.unsqueeze(0).expand(m, *z.shape).reshape(m * rows, *z.shape[1:])
+            h = z[start : start + m].reshape(m * rows, *z.shape[2:])
             with keyed(
                 self.sites, [k if k is None else k[start : start + m].reshape(-1) for k in keys]
             ):

@@ -30,6 +30,7 @@ from training.architectures import build_body
 from training.likelihoods import GaussianHead
 from training.model import PosteriorModel
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
+from training.posteriors.seeding import SeedGroups
 from training.priors import DEFAULT_PRIOR, parse_prior
 
 STRUCTURES = ("diag", "kron", "full")
@@ -132,6 +133,20 @@ class LastLayerLaplace(PosteriorModel):
         ]
         shift = shifts[0] if len(shifts) == 1 else torch.cat(shifts, dim=1)  # [n, B, K]
         return torch.cat([mean[:, :k] + shift, mean[:, k:].expand(n, -1, -1)], -1)
+
+    def raw_draws_at(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Draw s on its own inputs z[s] ([n, B, ...]): the features of every copy, then each
+        seed's weight draws (the ones `glm_draws` makes) on its rows."""
+        n, rows = z.shape[:2]
+        k, p = self.outputs, self.num_features
+        phi = self.features(z.flatten(0, 1)).unflatten(0, (n, rows))  # [n, B, P]
+        mean = phi @ self.last_weight().t()  # [n, B, raw]
+        groups = SeedGroups.of(seeds)
+        eps = rng.normal(rng.draw_keys(groups.unique, n, stream=0), k * p)  # [n, U, K P]
+        if self.structure != "full":
+            eps = self.scale * eps.unflatten(-1, (k, p))
+        shift = phi[:, groups.rows] @ self._perturbation(eps).transpose(-1, -2)  # [n, U, R, K]
+        return torch.cat([mean[..., :k] + groups.gather(shift), mean[..., k:]], -1)
 
     def _perturbation(self, eps: torch.Tensor) -> torch.Tensor:
         """Draws of W - W* [..., K, P] with covariance Sigma, from standard normals [..., K P]

@@ -101,6 +101,23 @@ class MCDropoutMLP(PosteriorModel):
             chunks.append(g)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
+    def raw_draws_at(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Draw s on its own inputs z[s] ([n, B, D]) with the same masks, as plain
+        differentiable ops (the fast paths AND masks into the activations' bits, which
+        autograd cannot follow): for attributions, not for serving."""
+        n, keep = z.shape[0], 1 - self.p
+        h = z.to(self.layers[0].weight.dtype)
+        for i, layer in enumerate(self.layers):
+            scale = 1.0
+            if self._dropped(i):
+                keys = rng.draw_keys(seeds, n, stream=i)
+                h = h * (rng.bernoulli_bits(keys, layer.in_features, keep) != 0)
+                scale = 1 / keep
+            h = F.linear(h, layer.weight) * scale + layer.bias
+            if i < len(self.layers) - 1:
+                h = self.activation(h)
+        return h
+
     def request_draws(
         self, x: torch.Tensor, n: int, seeds: torch.Tensor, sizes: Sequence[int]
     ) -> torch.Tensor:

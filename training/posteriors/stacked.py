@@ -61,6 +61,13 @@ class Stacked(PosteriorModel):
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
         return self.run(z, n)
 
+    def raw_draws_at(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        return self.run_at(z)
+
+    def run_at(self, h: torch.Tensor) -> torch.Tensor:
+        """Draw s (member s mod M) on its own inputs h[s]: [n, B, ...] -> [n, B, out]."""
+        raise NotImplementedError
+
     def draw_members(self, n: int, device: torch.device) -> torch.Tensor | None:
         """Which member each of draws 0..n-1 is (s mod M); None when they are the first n."""
         return None if n <= self.members else torch.arange(n, device=device) % self.members
@@ -129,6 +136,14 @@ class StackedNet(Stacked):
                 outputs[m] = self._member(weights, h)
         return torch.stack([outputs[m] for m in members.tolist()])
 
+    def run_at(self, h: torch.Tensor) -> torch.Tensor:
+        n = h.shape[0]
+        members = self.draw_members(n, h.device)
+        if members is None:
+            members = torch.arange(n, device=h.device)
+        params = {name: p[members] for name, p in zip(self.names, self.stack, strict=True)}
+        return torch.func.vmap(self._member)(params, h)
+
 
 class StackedMLP(Stacked):
     """The MLP's fast path: [M, in, out] weights, one baddbmm per layer.
@@ -164,6 +179,9 @@ class StackedMLP(Stacked):
             if i < len(weights) - 1:
                 h = self.activation(h)
         return h
+
+    def run_at(self, h: torch.Tensor) -> torch.Tensor:
+        return self.run(h, h.shape[0])  # [n, B, D] is one batched matmul per layer as it is
 
     def _draw_weights(
         self, n: int, device: torch.device

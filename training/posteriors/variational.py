@@ -45,6 +45,15 @@ def gaussian_kl(prior: Prior, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Te
     return (log_q - prior.log_prob(mu + sigma * eps)).sum()
 
 
+def input_snr(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """|mu| / sigma of a first layer's weights averaged over all but its input axis (axis 1:
+    the features of a dense or recurrent layer, the channels of a convolution) -> [inputs].
+    A weight whose posterior is mostly noise around zero (the prior's answer for an input
+    the data never needed) scores near 0; one the data pinned down scores high."""
+    ratio = mu.detach().abs() / sigma.detach()
+    return ratio.mean(dim=[d for d in range(ratio.dim()) if d != 1])
+
+
 class _Variational(nn.Module):
     """Shared by the layers: a Gaussian (mean, softplus(rho)) on the weight and the bias."""
 
@@ -201,7 +210,15 @@ class VariationalNet(PosteriorModel):
 
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
         groups = SeedGroups.of(seeds)
-        h = groups.spread(z).unsqueeze(0)  # [1, U, R, ...]: weights broadcast it to n draws
+        # [1, U, R, ...]: weights broadcast it to n draws
+        return self._grouped_draws(groups.spread(z).unsqueeze(0), n, groups)
+
+    def raw_draws_at(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        groups = SeedGroups.of(seeds)
+        return self._grouped_draws(z[:, groups.rows], z.shape[0], groups)
+
+    def _grouped_draws(self, h: torch.Tensor, n: int, groups: SeedGroups) -> torch.Tensor:
+        """Grouped rows h [1 or n, U, R, ...] under n weight draws per seed -> [n, B, raw]."""
         stream = itertools.count()
         for conv in self.convs:
             h = self.activation(conv.draw_forward(h, rng.draw_keys(groups.unique, n, next(stream))))
@@ -222,6 +239,11 @@ class VariationalNet(PosteriorModel):
 
     def variational_layers(self) -> list[_Variational]:
         return [*self.convs, *self.layers]
+
+    def input_snr(self) -> torch.Tensor:
+        """Posterior signal-to-noise of the first layer's weights per input (`input_snr`)."""
+        first = self.variational_layers()[0]
+        return input_snr(first.weight_mu, first.weight_sigma)
 
 
 class VariationalBody(PosteriorModel):
@@ -278,12 +300,19 @@ class VariationalBody(PosteriorModel):
 
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
         groups = SeedGroups.of(seeds)
-        u = len(groups.unique)
+        x = groups.spread(z)  # [U, R, ...]
+        return self._grouped_draws(x.unsqueeze(0).expand(n, *x.shape), groups)
+
+    def raw_draws_at(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        groups = SeedGroups.of(seeds)
+        return self._grouped_draws(z[:, groups.rows], groups)
+
+    def _grouped_draws(self, x: torch.Tensor, groups: SeedGroups) -> torch.Tensor:
+        """Grouped rows x [n, U, R, ...], each draw's own -> [n, B, raw]."""
+        n, u = x.shape[:2]
         keys = [rng.draw_keys(groups.unique, n, stream=g) for g in range(len(self.groups))]
         weights = {k: w.flatten(0, 1) for k, w in self.draw(keys).items()}  # [n U, ...]
-        x = groups.spread(z)  # [U, R, ...]
-        x = x.unsqueeze(0).expand(n, *x.shape).flatten(0, 1)
-        out = torch.func.vmap(self._call)(weights, x)  # [n U, R, raw]
+        out = torch.func.vmap(self._call)(weights, x.flatten(0, 1))  # [n U, R, raw]
         return groups.gather(out.unflatten(0, (n, u)))
 
     def kl(self) -> torch.Tensor:
@@ -298,3 +327,9 @@ class VariationalBody(PosteriorModel):
 
     def penalty(self, num_train: int) -> torch.Tensor:
         return self.kl() / num_train
+
+    def input_snr(self) -> torch.Tensor:
+        """Posterior signal-to-noise per input (`input_snr`) of the first weight matrix or
+        kernel of the body."""
+        i = next(i for i, mu in enumerate(self.mu) if mu.dim() >= 2)
+        return input_snr(self.mu[i], F.softplus(self.rho[i]))
