@@ -46,6 +46,19 @@ LOOP_TURNS = 2  # see Batcher._collect
 # Levels None: a :sample request's group, whose summary holds the draws themselves.
 Columns = Callable[[ModelSpec, Summary, tuple[float, ...] | None], Any]
 Render = Callable[[Any], Any]  # the request's slice of its Columns -> the response
+# each uncertainty histogram's summary field (service.metrics), and whether it is a variance
+UNCERTAINTY_FIELDS = {
+    "regression": {
+        "epistemic": ("epistemic_variance", True),
+        "aleatoric": ("aleatoric_variance", True),
+        "predictive": ("std", False),
+    },
+    "classification": {
+        "epistemic": ("mutual_information", False),
+        "aleatoric": ("expected_entropy", False),
+        "predictive": ("entropy", False),
+    },
+}
 
 
 @dataclass(eq=False)
@@ -59,6 +72,7 @@ class Job:
     render: Render
     columns: Columns
     deadline: float  # event-loop time
+    queued: float  # event-loop time
     future: asyncio.Future = field(repr=False)
 
     @property
@@ -82,6 +96,9 @@ class Batcher:
         self.batch_rows = metrics.batch_rows.labels(*self.labels)
         self.batch_requests = metrics.batch_requests.labels(*self.labels)
         self.inference_seconds = metrics.inference.labels(*self.labels)
+        self.samples_drawn = metrics.samples_drawn.labels(*self.labels)
+        self.queue_wait = metrics.queue_wait
+        self.request_samples = metrics.request_samples
         self.uncertainty = metrics.uncertainty
         self.ood_predictions = metrics.ood.labels(*self.labels)
         self.predictions = metrics.predictions.labels(*self.labels)
@@ -162,8 +179,10 @@ class Batcher:
         `columns` and `render` are the request's codec's."""
         loop = asyncio.get_running_loop()
         timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
-        deadline = loop.time() + timeout
-        job = Job(x, num_samples, levels, seed, render, columns, deadline, loop.create_future())
+        now = loop.time()
+        deadline = now + timeout
+        future = loop.create_future()
+        job = Job(x, num_samples, levels, seed, render, columns, deadline, now, future)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -223,6 +242,7 @@ class Batcher:
             if not batch:
                 self._idle.put_nowait(worker)
                 continue
+            self._observe_start(batch)
             task = asyncio.get_running_loop().create_task(self._complete(batch, worker))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -237,6 +257,7 @@ class Batcher:
                 summaries = summarize_batch(self.loaded, x, seeds, groups)
             else:
                 summaries = await worker.compute(x, seeds, groups)
+            self.samples_drawn.inc(sum(job.num_samples * job.rows for job in batch))
             outcomes = self._render(batch, groups, members, summaries)
             self.batch_rows.observe(len(seeds))
             self.batch_requests.observe(len(batch))
@@ -360,6 +381,13 @@ class Batcher:
                     )
         return outcomes
 
+    def _observe_start(self, batch: list[Job]) -> None:
+        """Each request's wait in the queue, and its num_samples, as its batch starts: one
+        lock per histogram per batch (service.metrics.BatchHistogram)."""
+        now = asyncio.get_running_loop().time()
+        self.queue_wait.observe(self.labels, [now - job.queued for job in batch])
+        self.request_samples.observe(self.labels, [job.num_samples for job in batch])
+
     def _count_ood(self, summary: Summary) -> None:
         """Count the group's predictions and OOD flags (service.workers.summarize_batch made
         them), whichever protocols answer its requests."""
@@ -368,8 +396,17 @@ class Batcher:
             self.ood_predictions.inc(flagged)
 
     def _observe_uncertainty(self, summary: Summary) -> None:
+        """The group's epistemic, aleatoric and predictive uncertainty, one value per
+        prediction and output: standard deviations for regression, entropies (nats) for
+        classification."""
         if "epistemic_variance" in summary:
-            values = summary["epistemic_variance"].clamp_min(0).sqrt()
+            fields = UNCERTAINTY_FIELDS["regression"]
         else:
-            values = summary["mutual_information"]
-        self.uncertainty.observe(self.labels, values.flatten().tolist())
+            fields = UNCERTAINTY_FIELDS["classification"]
+        for kind, (name, is_variance) in fields.items():
+            values = summary.get(name)
+            if values is not None:
+                values = values.numpy(force=True)
+                if is_variance:
+                    values = np.sqrt(np.maximum(values, 0))
+                self.uncertainty[kind].observe(self.labels, values)

@@ -15,6 +15,7 @@ from prometheus_client.utils import floatToGoString
 
 from service.metrics import UNCERTAINTY_BUCKETS, Metrics
 
+NATIVE = {"model": "reg", "version": "1", "protocol": "native"}  # a native request's labels
 REGRESSION_FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
 
 
@@ -117,10 +118,10 @@ def test_health_readiness_and_metrics(client: Client) -> None:
     assert ready.status_code == 200 and "reg/1" in ready.json()["loaded"]
     client.post("/v1/models/reg:predict", json={"instances": [[1.0, 2.0, 3.0]]})
     text = client.get("/metrics").text
-    assert metric_value(text, "credence_requests_total", model="reg", version="1", code="200") > 0
+    assert metric_value(text, "credence_requests_total", **NATIVE, code="200") > 0
     assert metric_value(text, "credence_batch_rows_count", model="reg", version="1") > 0
     assert metric_value(text, "credence_epistemic_uncertainty_count", model="reg", version="1") > 0
-    assert "credence_queue_depth" in text and "credence_inference_seconds_bucket" in text
+    assert "credence_queue_depth" in text and "credence_inference_duration_seconds_bucket" in text
 
 
 def test_routing_errors_are_json(client: Client) -> None:
@@ -140,8 +141,10 @@ def test_batch_histogram_counts_like_prometheus_histogram() -> None:
     values = np.concatenate([np.random.default_rng(0).lognormal(-2, 3, 1000), [0.01, 1e9]])
     ours, reference = Metrics(), CollectorRegistry()
     theirs = Histogram("h", "h", ["model"], buckets=UNCERTAINTY_BUCKETS, registry=reference)
-    ours.uncertainty.observe(("m",), values[:600].tolist())
-    ours.uncertainty.observe(("m",), [*values[600:].tolist(), math.nan])  # NaN is not counted
+    ours.uncertainty["epistemic"].observe(("m",), values[:600].tolist())
+    ours.uncertainty["epistemic"].observe(
+        ("m",), [*values[600:].tolist(), math.nan]
+    )  # NaN is not counted
     for value in values:
         theirs.labels("m").observe(value)
     text = ours.render().decode().replace("credence_epistemic_uncertainty", "h")
@@ -177,7 +180,10 @@ def test_a_client_that_leaves_before_its_body_gets_nothing_and_is_counted(
     client.portal.call(client.app, scope, receive, send)
     assert sent == []  # nothing to answer, and nothing queued
     text = client.get("/metrics").text
-    assert metric_value(text, "credence_requests_total", model="reg", version="1", code="499") == 1
+    assert metric_value(text, "credence_requests_total", **NATIVE, code="499") == 1
+    assert (
+        metric_value(text, "credence_request_failures_total", **NATIVE, reason="client_gone") == 1
+    )
 
 
 def test_not_ready_without_models(tmp_path: Path) -> None:
