@@ -46,18 +46,11 @@ LOOP_TURNS = 2  # see Batcher._collect
 # Levels None: a :sample request's group, whose summary holds the draws themselves.
 Columns = Callable[[ModelSpec, Summary, tuple[float, ...] | None], Any]
 Render = Callable[[Any], Any]  # the request's slice of its Columns -> the response
-# each uncertainty histogram's summary field (service.metrics), and whether it is a variance
+# the summary fields behind service.metrics.UNCERTAINTY's histograms, in its order:
+# variances (their square roots are observed) for regression, entropies for classification
 UNCERTAINTY_FIELDS = {
-    "regression": {
-        "epistemic": ("epistemic_variance", True),
-        "aleatoric": ("aleatoric_variance", True),
-        "predictive": ("std", False),
-    },
-    "classification": {
-        "epistemic": ("mutual_information", False),
-        "aleatoric": ("expected_entropy", False),
-        "predictive": ("entropy", False),
-    },
+    "regression": ("epistemic_variance", "aleatoric_variance", "variance"),
+    "classification": ("mutual_information", "expected_entropy", "entropy"),
 }
 
 
@@ -397,16 +390,11 @@ class Batcher:
 
     def _observe_uncertainty(self, summary: Summary) -> None:
         """The group's epistemic, aleatoric and predictive uncertainty, one value per
-        prediction and output: standard deviations for regression, entropies (nats) for
-        classification."""
-        if "epistemic_variance" in summary:
-            fields = UNCERTAINTY_FIELDS["regression"]
-        else:
-            fields = UNCERTAINTY_FIELDS["classification"]
-        for kind, (name, is_variance) in fields.items():
-            values = summary.get(name)
-            if values is not None:
-                values = values.numpy(force=True)
-                if is_variance:
-                    values = np.sqrt(np.maximum(values, 0))
-                self.uncertainty[kind].observe(self.labels, values)
+        prediction and output, bucketed together: standard deviations for regression,
+        entropies (nats) for classification."""
+        regression = "epistemic_variance" in summary
+        names = UNCERTAINTY_FIELDS["regression" if regression else "classification"]
+        values = torch.stack([summary[name] for name in names]).numpy(force=True)
+        if regression:
+            np.sqrt(np.maximum(values, 0, out=values), out=values)
+        self.uncertainty.observe(self.labels, values)

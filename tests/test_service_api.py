@@ -13,7 +13,7 @@ from conftest import CLASSES, FEATURES, Client, make_settings, metric_value, ser
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from service.metrics import UNCERTAINTY_BUCKETS, Metrics
+from service.metrics import UNCERTAINTY_BUCKETS, BatchHistogram
 
 NATIVE = {"model": "reg", "version": "1", "protocol": "native"}  # a native request's labels
 REGRESSION_FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
@@ -138,22 +138,28 @@ def test_routing_errors_are_json(client: Client) -> None:
 
 
 def test_batch_histogram_counts_like_prometheus_histogram() -> None:
+    """Two metrics bucketed in one pass (a row of values each) count each row as
+    prometheus_client's own Histogram counts it, one value at a time."""
     values = np.concatenate([np.random.default_rng(0).lognormal(-2, 3, 1000), [0.01, 1e9]])
-    ours, reference = Metrics(), CollectorRegistry()
-    theirs = Histogram("h", "h", ["model"], buckets=UNCERTAINTY_BUCKETS, registry=reference)
-    ours.uncertainty["epistemic"].observe(("m",), values[:600].tolist())
-    ours.uncertainty["epistemic"].observe(
-        ("m",), [*values[600:].tolist(), math.nan]
-    )  # NaN is not counted
-    for value in values:
-        theirs.labels("m").observe(value)
-    text = ours.render().decode().replace("credence_epistemic_uncertainty", "h")
-    expected = generate_latest(reference).decode()
-    for le in [*map(floatToGoString, UNCERTAINTY_BUCKETS), "+Inf"]:
-        got = metric_value(text, "h_bucket", model="m", le=le)
-        assert got == metric_value(expected, "h_bucket", model="m", le=le) > 0, le
-    assert metric_value(text, "h_count", model="m") == len(values)
-    assert metric_value(text, "h_sum", model="m") == pytest.approx(values.sum(), rel=1e-12)
+    rows = np.stack([values, values[::-1] * 3])
+    mine, theirs = CollectorRegistry(), CollectorRegistry()
+    ours = BatchHistogram([("h", "h"), ("g", "g")], ["model"], UNCERTAINTY_BUCKETS, mine)
+    reference = {
+        name: Histogram(name, name, ["model"], buckets=UNCERTAINTY_BUCKETS, registry=theirs)
+        for name in ("h", "g")
+    }
+    ours.observe(("m",), rows[:, :600])
+    ours.observe(("m",), np.c_[rows[:, 600:], [math.nan, math.nan]])  # NaN is not counted
+    for name, row in zip(("h", "g"), rows, strict=True):
+        for value in row:
+            reference[name].labels("m").observe(value)
+    text, expected = generate_latest(mine).decode(), generate_latest(theirs).decode()
+    for name, row in zip(("h", "g"), rows, strict=True):
+        for le in [*map(floatToGoString, UNCERTAINTY_BUCKETS), "+Inf"]:
+            got = metric_value(text, f"{name}_bucket", model="m", le=le)
+            assert got == metric_value(expected, f"{name}_bucket", model="m", le=le) > 0, le
+        assert metric_value(text, f"{name}_count", model="m") == len(values)
+        assert metric_value(text, f"{name}_sum", model="m") == pytest.approx(row.sum(), rel=1e-12)
 
 
 def test_predict_paths_take_only_post(client: Client) -> None:
