@@ -28,7 +28,7 @@ from service.auth import Keys, keys_of
 from service.batcher import Batcher, Columns, Render
 from service.cpus import available_cores
 from service.cuda_graphs import GraphedSampler
-from service.dataplane import Decode, predict_handler
+from service.dataplane import Decode, predict_route
 from service.docs import add_docs
 from service.errors import ApiError, Problem, error_body
 from service.gateway import FastRoute, Gateway, header, internal_error, native_error
@@ -88,7 +88,10 @@ def version_state(model: LoadedModel | FailedModel) -> dict:
 
 
 def describe(metrics: Metrics, registry: Registry, settings: Settings) -> None:
-    """Each loaded version's info and OOD baseline, for dashboards and alert rules."""
+    """Each loaded version's info and OOD baseline, and each failed one's load failure, for
+    dashboards and alert rules."""
+    for failed in registry.failed():
+        metrics.load_failures.labels(failed.name, str(failed.version)).inc()
     for loaded in registry.loaded():
         spec = loaded.spec
         labels = (spec.name, str(spec.version))
@@ -335,9 +338,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.max_body_bytes = settings.max_body_bytes
     app.keys = keys_of(settings)
     app.fast_routes = [
-        FastRoute(
-            PREDICT_PATH, predict_handler(app, metrics, native_decode(settings), native_error)
-        ),
+        predict_route(PREDICT_PATH, app, metrics, native_decode(settings), native_error, "native"),
         v2_routes.infer_route(app, metrics, settings),
     ]
     return app

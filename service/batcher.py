@@ -47,6 +47,12 @@ LOOP_TURNS = 2  # see Batcher._collect
 # Levels None: a :sample request's group, whose summary holds the draws themselves.
 Columns = Callable[[ModelSpec, Summary, tuple[float, ...] | None], Any]
 Render = Callable[[Any], Any]  # the request's slice of its Columns -> the response
+# the summary fields behind service.metrics.UNCERTAINTY's histograms, in its order:
+# variances (their square roots are observed) for regression, entropies for classification
+UNCERTAINTY_FIELDS = {
+    "regression": ("epistemic_variance", "aleatoric_variance", "variance"),
+    "classification": ("mutual_information", "expected_entropy", "entropy"),
+}
 
 
 @dataclass(eq=False)
@@ -60,6 +66,7 @@ class Job:
     render: Render
     columns: Columns
     deadline: float  # event-loop time
+    queued: float  # event-loop time
     future: asyncio.Future = field(repr=False)
     explain: Explain | None = None  # :explain: attributions instead of summaries
 
@@ -84,6 +91,9 @@ class Batcher:
         self.batch_rows = metrics.batch_rows.labels(*self.labels)
         self.batch_requests = metrics.batch_requests.labels(*self.labels)
         self.inference_seconds = metrics.inference.labels(*self.labels)
+        self.samples_drawn = metrics.samples_drawn.labels(*self.labels)
+        self.queue_wait = metrics.queue_wait
+        self.request_samples = metrics.request_samples
         self.uncertainty = metrics.uncertainty
         self.ood_predictions = metrics.ood.labels(*self.labels)
         self.predictions = metrics.predictions.labels(*self.labels)
@@ -168,10 +178,10 @@ class Batcher:
         summary is its attributions (training.attributions)."""
         loop = asyncio.get_running_loop()
         timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
-        deadline = loop.time() + timeout
-        job = Job(
-            x, num_samples, levels, seed, render, columns, deadline, loop.create_future(), explain
-        )
+        now = loop.time()
+        deadline = now + timeout
+        future = loop.create_future()
+        job = Job(x, num_samples, levels, seed, render, columns, deadline, now, future, explain)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -231,6 +241,7 @@ class Batcher:
             if not batch:
                 self._idle.put_nowait(worker)
                 continue
+            self._observe_start(batch)
             task = asyncio.get_running_loop().create_task(self._complete(batch, worker))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -248,6 +259,7 @@ class Batcher:
                 summaries = summarize_batch(self.loaded, x, seeds, groups)
             else:
                 summaries = await worker.compute(x, seeds, groups)
+            self.samples_drawn.inc(sum(job.num_samples * job.rows for job in batch))
             outcomes = self._render(batch, groups, members, summaries)
             self.batch_rows.observe(len(seeds))
             self.batch_requests.observe(len(batch))
@@ -373,6 +385,13 @@ class Batcher:
                     )
         return outcomes
 
+    def _observe_start(self, batch: list[Job]) -> None:
+        """Each request's wait in the queue, and its num_samples, as its batch starts: one
+        lock per histogram per batch (service.metrics.BatchHistogram)."""
+        now = asyncio.get_running_loop().time()
+        self.queue_wait.observe(self.labels, [now - job.queued for job in batch])
+        self.request_samples.observe(self.labels, [job.num_samples for job in batch])
+
     def _count_ood(self, summary: Summary) -> None:
         """Count the group's predictions and OOD flags (service.workers.summarize_batch made
         them), whichever protocols answer its requests."""
@@ -381,8 +400,12 @@ class Batcher:
             self.ood_predictions.inc(flagged)
 
     def _observe_uncertainty(self, summary: Summary) -> None:
-        if "epistemic_variance" in summary:
-            values = summary["epistemic_variance"].clamp_min(0).sqrt()
-        else:
-            values = summary["mutual_information"]
-        self.uncertainty.observe(self.labels, values.flatten().tolist())
+        """The group's epistemic, aleatoric and predictive uncertainty, one value per
+        prediction and output, bucketed together: standard deviations for regression,
+        entropies (nats) for classification."""
+        regression = "epistemic_variance" in summary
+        names = UNCERTAINTY_FIELDS["regression" if regression else "classification"]
+        values = torch.stack([summary[name] for name in names]).numpy(force=True)
+        if regression:
+            np.sqrt(np.maximum(values, 0, out=values), out=values)
+        self.uncertainty.observe(self.labels, values)

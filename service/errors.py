@@ -56,6 +56,40 @@ class ApiError(Exception):
         return error_body(self.problems)
 
 
+# A failed request's `reason` label (service.metrics): what went wrong, in words an operator
+# alerts on. The first problem's code decides where one status covers several causes.
+REASON_BY_CODE = {
+    "overloaded": "overloaded",
+    "shutting_down": "shutting_down",
+    "model_unavailable": "unavailable",
+    "too_many_instances": "too_large",
+    "deadline_exceeded": "timeout",
+}
+REASON_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "bad_request",
+    499: "client_gone",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+def failure_reason(error: ApiError) -> str:
+    """The `reason` a failed request is counted under: one of a fixed few, so the label's
+    values stay bounded whatever clients send."""
+    reason = REASON_BY_CODE.get(error.problems[0].code) if error.problems else None
+    if reason is None:
+        reason = REASON_BY_STATUS.get(error.status)
+    if reason is None:
+        reason = "bad_request" if error.status < 500 else "internal"
+    return reason
+
+
 def problems_message(problems: Sequence[Problem]) -> str:
     """The first problem's message, saying how many more there are: for protocols whose
     error body is one string (V2's `{"error": "..."}`) and for `error.message` here."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Keys
-from service.errors import ApiError, Problem
+from service.errors import ApiError, Problem, failure_reason
 
 log = logging.getLogger("credence.app")
 
@@ -28,6 +29,9 @@ JSON_HEADER = (b"content-type", b"application/json")
 PredictHandler = Callable[[str, str | None, str, Scope, Receive, Send], Awaitable[None]]
 # an error as a protocol answers it: (status, body, headers)
 ErrorRenderer = Callable[[ApiError], tuple[int, bytes, Mapping[str, str]]]
+# counts a predict request the gateway refused itself: (name, version or None, status as
+# answered, reason (service.errors.failure_reason), seconds)
+RefusalCounter = Callable[[str, str | None, int, str, float], None]
 
 
 def native_error(error: ApiError) -> tuple[int, bytes, Mapping[str, str]]:
@@ -38,11 +42,12 @@ def native_error(error: ApiError) -> tuple[int, bytes, Mapping[str, str]]:
 class FastRoute:
     """One protocol's predict routes: their path ({name} and {version} match one path
     segment each, like Starlette's default convertor; {verb} is the action), their handler,
-    and how they word errors."""
+    how they word errors, and what counts the requests the gateway refuses."""
 
     path: re.Pattern[str]
     handler: PredictHandler
     error: ErrorRenderer = native_error
+    refused: RefusalCounter | None = None
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -123,12 +128,16 @@ class Gateway:
                 ("headers", "authorization"),
                 headers={"WWW-Authenticate": 'Bearer realm="credence"'},
             )
-            await send_error(send, error, matched[0].error if matched else native_error)
+            if matched is None:
+                await send_error(send, error)
+            else:
+                await refuse(send, error, *matched, time.perf_counter())
             return
         if matched is None:
             await self.app(scope, receive, send)
             return
         route, match = matched
+        start = time.perf_counter()
         started = False
 
         async def watch(message: Message) -> None:
@@ -142,7 +151,7 @@ class Gateway:
                 error = ApiError.single(
                     405, "method_not_allowed", message, ("path",), headers={"Allow": "POST"}
                 )
-                await send_error(send, error, route.error)
+                await refuse(send, error, route, match, start)
                 return
             length = header(scope, b"content-length")
             if length is None:  # chunked: counted as it arrives
@@ -150,7 +159,7 @@ class Gateway:
             elif length.isdigit() and int(length) > self.max_body_bytes:
                 # refused before a byte of the body is read (the HTTP server delivers no more
                 # than a declared length)
-                await send_error(send, body_too_large(self.max_body_bytes), route.error)
+                await refuse(send, body_too_large(self.max_body_bytes), route, match, start)
                 return
             name, version, verb = match["name"], match["version"], match["verb"]
             await route.handler(name, version, verb, scope, receive, watch)
@@ -159,6 +168,17 @@ class Gateway:
             if started:
                 raise
             await send_error(send, internal_error(exc), route.error)
+
+
+async def refuse(
+    send: Send, error: ApiError, route: FastRoute, match: re.Match[str], start: float
+) -> None:
+    """Answer a predict request the handler never sees, and count it as the handler would."""
+    status, body, headers = route.error(error)
+    await send_json(send, status, body, headers)
+    if route.refused is not None:
+        reason = failure_reason(error)
+        route.refused(match["name"], match["version"], status, reason, time.perf_counter() - start)
 
 
 def header(scope: Scope, name: bytes) -> str | None:

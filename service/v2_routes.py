@@ -17,7 +17,7 @@ from starlette.types import Scope
 
 from service import v2
 from service.batcher import Columns, Render
-from service.dataplane import Decode, predict_handler
+from service.dataplane import Decode, predict_route
 from service.errors import ApiError
 from service.gateway import FastRoute
 from service.metrics import Metrics
@@ -126,5 +126,4 @@ def decoder(settings: Settings) -> Decode:
 
 def infer_route(app: FastAPI, metrics: Metrics, settings: Settings) -> FastRoute:
     """POST /v2/models/{name}[/versions/{version}]/infer, on the gateway's fast path."""
-    handler = predict_handler(app, metrics, decoder(settings), v2.error_reply)
-    return FastRoute(INFER_PATH, handler, v2.error_reply)
+    return predict_route(INFER_PATH, app, metrics, decoder(settings), v2.error_reply, "v2")

@@ -13,8 +13,9 @@ from conftest import CLASSES, FEATURES, Client, make_settings, metric_value, ser
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from service.metrics import UNCERTAINTY_BUCKETS, Metrics
+from service.metrics import UNCERTAINTY_BUCKETS, BatchHistogram
 
+NATIVE = {"model": "reg", "version": "1", "protocol": "native"}  # a native request's labels
 REGRESSION_FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
 
 
@@ -117,10 +118,10 @@ def test_health_readiness_and_metrics(client: Client) -> None:
     assert ready.status_code == 200 and "reg/1" in ready.json()["loaded"]
     client.post("/v1/models/reg:predict", json={"instances": [[1.0, 2.0, 3.0]]})
     text = client.get("/metrics").text
-    assert metric_value(text, "credence_requests_total", model="reg", version="1", code="200") > 0
+    assert metric_value(text, "credence_requests_total", **NATIVE, code="200") > 0
     assert metric_value(text, "credence_batch_rows_count", model="reg", version="1") > 0
     assert metric_value(text, "credence_epistemic_uncertainty_count", model="reg", version="1") > 0
-    assert "credence_queue_depth" in text and "credence_inference_seconds_bucket" in text
+    assert "credence_queue_depth" in text and "credence_inference_duration_seconds_bucket" in text
 
 
 def test_routing_errors_are_json(client: Client) -> None:
@@ -137,20 +138,28 @@ def test_routing_errors_are_json(client: Client) -> None:
 
 
 def test_batch_histogram_counts_like_prometheus_histogram() -> None:
+    """Two metrics bucketed in one pass (a row of values each) count each row as
+    prometheus_client's own Histogram counts it, one value at a time."""
     values = np.concatenate([np.random.default_rng(0).lognormal(-2, 3, 1000), [0.01, 1e9]])
-    ours, reference = Metrics(), CollectorRegistry()
-    theirs = Histogram("h", "h", ["model"], buckets=UNCERTAINTY_BUCKETS, registry=reference)
-    ours.uncertainty.observe(("m",), values[:600].tolist())
-    ours.uncertainty.observe(("m",), [*values[600:].tolist(), math.nan])  # NaN is not counted
-    for value in values:
-        theirs.labels("m").observe(value)
-    text = ours.render().decode().replace("credence_epistemic_uncertainty", "h")
-    expected = generate_latest(reference).decode()
-    for le in [*map(floatToGoString, UNCERTAINTY_BUCKETS), "+Inf"]:
-        got = metric_value(text, "h_bucket", model="m", le=le)
-        assert got == metric_value(expected, "h_bucket", model="m", le=le) > 0, le
-    assert metric_value(text, "h_count", model="m") == len(values)
-    assert metric_value(text, "h_sum", model="m") == pytest.approx(values.sum(), rel=1e-12)
+    rows = np.stack([values, values[::-1] * 3])
+    mine, theirs = CollectorRegistry(), CollectorRegistry()
+    ours = BatchHistogram([("h", "h"), ("g", "g")], ["model"], UNCERTAINTY_BUCKETS, mine)
+    reference = {
+        name: Histogram(name, name, ["model"], buckets=UNCERTAINTY_BUCKETS, registry=theirs)
+        for name in ("h", "g")
+    }
+    ours.observe(("m",), rows[:, :600])
+    ours.observe(("m",), np.c_[rows[:, 600:], [math.nan, math.nan]])  # NaN is not counted
+    for name, row in zip(("h", "g"), rows, strict=True):
+        for value in row:
+            reference[name].labels("m").observe(value)
+    text, expected = generate_latest(mine).decode(), generate_latest(theirs).decode()
+    for name, row in zip(("h", "g"), rows, strict=True):
+        for le in [*map(floatToGoString, UNCERTAINTY_BUCKETS), "+Inf"]:
+            got = metric_value(text, f"{name}_bucket", model="m", le=le)
+            assert got == metric_value(expected, f"{name}_bucket", model="m", le=le) > 0, le
+        assert metric_value(text, f"{name}_count", model="m") == len(values)
+        assert metric_value(text, f"{name}_sum", model="m") == pytest.approx(row.sum(), rel=1e-12)
 
 
 def test_predict_paths_take_only_post(client: Client) -> None:
@@ -177,7 +186,10 @@ def test_a_client_that_leaves_before_its_body_gets_nothing_and_is_counted(
     client.portal.call(client.app, scope, receive, send)
     assert sent == []  # nothing to answer, and nothing queued
     text = client.get("/metrics").text
-    assert metric_value(text, "credence_requests_total", model="reg", version="1", code="499") == 1
+    assert metric_value(text, "credence_requests_total", **NATIVE, code="499") == 1
+    assert (
+        metric_value(text, "credence_request_failures_total", **NATIVE, reason="client_gone") == 1
+    )
 
 
 def test_not_ready_without_models(tmp_path: Path) -> None:

@@ -192,12 +192,16 @@ def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
     with serve(settings) as live:
         slow_down(live, "reg", 0.3)
         responses = live.gather(*[(REG, {"instances": [[0.0, 0.0, 0.0]]})] * 6)
+        metrics = live.get("/metrics").text
+    labels = {"model": "reg", "version": "1", "protocol": "native", "reason": "overloaded"}
+    shed = metric_value(metrics, "credence_request_failures_total", **labels)
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) >= 1 and statuses.count(503) >= 1
     assert set(statuses) <= {200, 503}
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["retry-after"] == "1"
     assert rejected.json()["error"]["code"] == "overloaded"
+    assert shed == statuses.count(503)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -381,7 +385,8 @@ def test_a_batch_on_the_loop_waits_a_turn_for_requests_being_read(
                 seed,
                 lambda _: b"",
                 predictions,
-                0.0,
+                0.0,  # deadline
+                0.0,  # queued
                 loop.create_future(),
             )
             for seed in (1, 2)

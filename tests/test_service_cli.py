@@ -145,8 +145,9 @@ def test_real_server_end_to_end(model_dir: Path) -> None:
             metrics = http.get("/metrics")
             assert metrics.headers["content-type"].startswith("text/plain")
             labels = {"model": "reg", "version": "1"}
-            assert metric_value(metrics.text, "credence_requests_total", **labels, code="200") == 1
-            assert metric_value(metrics.text, "credence_requests_total", **labels, code="422") == 1
+            native = {**labels, "protocol": "native"}
+            assert metric_value(metrics.text, "credence_requests_total", **native, code="200") == 1
+            assert metric_value(metrics.text, "credence_requests_total", **native, code="422") == 1
             assert metric_value(metrics.text, "credence_batch_rows_count", **labels) == 1
     finally:
         server.send_signal(signal.SIGTERM)

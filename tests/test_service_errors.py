@@ -203,7 +203,9 @@ def test_unexpected_exception_is_a_json_500(
         text = live.get("/metrics").text
     assert response.status_code == 500
     assert error_of(response)["code"] == "internal_error"
-    assert metric_value(text, "credence_requests_total", model="reg", version="1", code="500") == 1
+    labels = {"model": "reg", "version": "1", "protocol": "native"}
+    assert metric_value(text, "credence_requests_total", **labels, code="500") == 1
+    assert metric_value(text, "credence_request_failures_total", **labels, reason="internal") == 1
 
 
 def test_unexpected_exception_on_another_route_is_a_json_500(

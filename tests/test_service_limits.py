@@ -24,8 +24,14 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_sent(mod
                 "Content-Length: 1000000000\r\n\r\n".encode()
             )
             answer = sock.recv(65536).decode()
+        metrics = httpx.get(f"http://{address}/metrics", timeout=10).text
     assert answer.startswith("HTTP/1.1 413"), answer
     assert "over the server's limit of 1000 bytes" in answer
+    labels = {"model": "reg", "version": "1", "protocol": "native"}
+    assert metric_value(metrics, "credence_requests_total", **labels, code="413") == 1
+    assert (
+        metric_value(metrics, "credence_request_failures_total", **labels, reason="too_large") == 1
+    )
 
 
 def test_a_chunked_body_is_refused_once_it_passes_the_limit(model_dir: Path):
@@ -41,6 +47,10 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit(model_dir: Path):
         with httpx.Client(base_url=f"http://{address}", timeout=10) as http:
             v2 = http.post("/v2/models/reg/infer", content=b" " * 501)
             fine = http.post(URL, content=BODY)
+            metrics = http.get("/metrics").text
+    for protocol in ("native", "v2"):  # counted once the body passed the limit
+        labels = {"model": "reg", "version": "1", "protocol": protocol, "reason": "too_large"}
+        assert metric_value(metrics, "credence_request_failures_total", **labels) == 1, protocol
     assert refused.status_code == 413 and refused.json()["error"]["code"] == "body_too_large"
     assert v2.status_code == 413 and "limit of 500 bytes" in v2.json()["error"]
     assert fine.status_code == 200
@@ -83,8 +93,14 @@ def test_a_client_deadline_shortens_the_servers_and_its_work_is_dropped(model_di
         started = time.monotonic()
         answers = live.gather((URL, patient), (URL, hasty), ("/v2/models/reg/infer", v2))
         elapsed = time.monotonic() - started
-        rows = metric_value(live.get("/metrics").text, "credence_batch_rows_sum", model="reg",
-                            version="1")  # fmt: skip
+        metrics = live.get("/metrics").text
+    reg = {"model": "reg", "version": "1"}
+    rows = metric_value(metrics, "credence_batch_rows_sum", **reg)
+    for protocol in ("native", "v2"):
+        labels = {**reg, "protocol": protocol, "reason": "timeout"}
+        assert metric_value(metrics, "credence_request_failures_total", **labels) == 1, protocol
+    # only the patient request reached its batch: the others' deadlines passed first
+    assert metric_value(metrics, "credence_queue_wait_seconds_count", **reg) == 1
     assert [a.status_code for a in answers] == [200, 504, 504]
     assert "deadline of 0.1 s" in answers[1].json()["error"]["message"]
     assert "deadline of 0.1 s" in answers[2].json()["error"]

@@ -330,8 +330,13 @@ def test_native_and_v2_requests_share_batches(model_dir: Path) -> None:
         errors = app.post("/v2/models/reg/infer", json={"inputs": []})
         assert errors.status_code == 400
         metrics = app.get("/metrics").text
-        labels = {"model": "reg", "version": "1", "code": "400"}
-        assert metric_value(metrics, "credence_requests_total", **labels) == 1
+        labels = {"model": "reg", "version": "1", "protocol": "v2"}
+        assert metric_value(metrics, "credence_requests_total", **labels, code="400") == 1
+        assert metric_value(metrics, "credence_requests_total", **labels, code="200") == 6
+        failed = metric_value(
+            metrics, "credence_request_failures_total", **labels, reason="bad_request"
+        )
+        assert failed == 1
 
 
 def test_ood_flags_are_outputs_where_the_checkpoint_has_a_reference(tmp_path: Path) -> None:
