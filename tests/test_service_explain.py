@@ -240,11 +240,10 @@ def test_explain_is_counted_and_answers_alike_from_a_worker_process(
     """The same attributions whether the batch ran on a thread of the server or in a batch
     worker process; requests are counted like predict's."""
     body = {"instances": [[0.3, -1.0, 2.0], [1.0, 1.0, 1.0]], "parameters": {"seed": 5}}
-    before = metric_value(client.get("/metrics").text, "credence_requests_total",
-                          model="reg", version="1", code="200")  # fmt: skip
+    labels = {"model": "reg", "version": "1", "protocol": "native", "code": "200"}
+    before = metric_value(client.get("/metrics").text, "credence_requests_total", **labels)
     here = client.post("/v1/models/reg/versions/1:explain", json=body).json()
-    after = metric_value(client.get("/metrics").text, "credence_requests_total",
-                         model="reg", version="1", code="200")  # fmt: skip
+    after = metric_value(client.get("/metrics").text, "credence_requests_total", **labels)
     assert after == before + 1
     with serve(make_settings(model_dir, batch_workers=1)) as other:
         there = other.post("/v1/models/reg:explain", json=body).json()
