@@ -202,9 +202,14 @@ def fit(
     options: FitOptions,
     loss_fn: LossFn | None = None,
     val_samples: int | None = None,
+    val_score: Callable[[], float] | None = None,
 ) -> FitResult:
     """Minimize `loss_fn(x, y) -> (loss, terms)` (default: `nll_loss`) with Adam; early-stop
     on `val` when given, restoring the best weights.
+
+    The validation score is `val_score()` when given (a stacked posterior spread over
+    processes scores all its members together), else the predictive log-likelihood of
+    `val_samples` draws on `val`.
 
     The batch-size-weighted mean of every term over an epoch is recorded in
     `metrics["epochs"][term]`, one value per epoch.
@@ -242,7 +247,10 @@ def fit(
             bar.update()
             if val is None or epoch < warmup or (epoch % eval_every and epoch != epochs):
                 continue
-            score = validation_log_likelihood(model, val, val_samples, options.seed)
+            if val_score is not None:
+                score = val_score()
+            else:
+                score = validation_log_likelihood(model, val, val_samples, options.seed)
             if not math.isfinite(score):
                 score = -math.inf
             history.append((epoch, score))
