@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -44,7 +45,9 @@ def _train(args: list[str], processes: int, out: Path) -> tuple[float, dict]:
             *("--master-port", str(_free_port()), "-m", "training.cli"),
         ]
     start = time.perf_counter()
-    subprocess.run([*launcher, *args, "--out", str(out), "--quiet"], check=True)
+    subprocess.run(
+        [*launcher, *args, "--out", str(out), "--quiet"], check=True, capture_output=True
+    )
     seconds = time.perf_counter() - start
     manifest = json.loads((out / "bench" / "1" / "manifest.json").read_text())
     return seconds, manifest
@@ -65,11 +68,12 @@ def main() -> None:
         *("--data", args.data, "--split", args.split, "--method", args.method),
         *(units, str(args.members), "--epochs", args.epochs, "--name", "bench"),
     ]
+    load = os.getloadavg()[0]  # other work on the machine takes cores from the processes
     rows, weights = [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for processes in [1, *args.processes]:
             seconds, manifest = _train(train_args, processes, Path(tmp) / str(processes))
-            weights.add(manifest["files"]["weights.safetensors"])
+            weights.add(manifest["files"]["weights.safetensors"]["sha256"])
             rows.append((processes, manifest["training"]["seconds"], seconds))
     if len(weights) != 1:
         raise SystemExit(f"the runs wrote different weights: {sorted(weights)}")
@@ -89,7 +93,8 @@ def main() -> None:
         f"loopback): {args.method} with {args.members} {units[2:]} split into contiguous "
         "blocks, one per process. Every run wrote the same weights (one sha256). Fit: the "
         "manifest's `training.seconds` (rank 0); command: the whole run, interpreter start, "
-        "data, evaluation and checkpoint included.\n\n"
+        f"data, evaluation and checkpoint included. Load average at the start: {load:.1f} "
+        f"on {os.cpu_count()} cores.\n\n"
         f"{body}\n\n"
     )
     write_report(

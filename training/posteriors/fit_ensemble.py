@@ -35,11 +35,13 @@ def fit_ensemble(
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Terms]:
         noise = model.member_noise(block, spread)
         nll = model.member_nll(model.run_block(x, block), y, noise)
-        every = spread.gather(nll.detach(), model.members)
-        return nll.sum() + model.penalty(n, block), {"nll": every.mean()}
+        return nll.sum() + model.penalty(n, block), {"nll": nll}
+
+    def every_member(values: torch.Tensor) -> torch.Tensor:  # [steps, m] -> [steps, M]
+        return spread.gather(values.T.contiguous(), model.members).T.contiguous()
 
     score = None if val is None else lambda: members_log_likelihood(model, val, spread)
-    result = fit(model, train, val, options, loss_fn, val_score=score)
+    result = fit(model, train, val, options, loss_fn, val_score=score, member_terms=every_member)
     model.gather_members(spread)
     return result
 

@@ -197,7 +197,7 @@ def fit_sgmcmc(
         for cycle in range(settings.cycles):
             t = 0
             for _ in range(settings.epochs_per_cycle):
-                total = 0.0
+                steps: list[tuple[int, torch.Tensor]] = []  # (rows, this block's nll)
                 for rows in minibatches(n, options.batch_size, shuffle):
                     noise_var = chain.member_noise(block, spread)
                     nll = chain.member_nll(chain.run_block(x[rows], block), y[rows], noise_var)
@@ -217,9 +217,12 @@ def fit_sgmcmc(
                         head_opt.step()
                     if cycle >= settings.burnin_cycles and t in schedule.keep:
                         kept.append([p[block].detach().clone() for p in params])
-                    every = spread.gather(nll.detach(), settings.chains)
-                    total += float(every.mean()) * len(rows)
+                    steps.append((len(rows), nll.detach()))
                     t += 1
+                every = spread.gather(torch.stack([v for _, v in steps], 1), settings.chains)
+                total = 0.0  # every chain's mean per step, gathered once per epoch
+                for (rows, _), values in zip(steps, every.T.contiguous(), strict=True):
+                    total += float(values.mean()) * rows
                 if not math.isfinite(total):
                     raise FloatingPointError(
                         f"{settings.sampler} diverged in cycle {cycle}; use a smaller step size"
