@@ -7,7 +7,8 @@ weights (the manifests' sha256 of weights.safetensors), and times the fit (the m
 evaluation and the checkpoint included).
 
     .venv/bin/python benchmarks/torchrun_training.py [--processes 2] [--members 8]
-        [--data ../shared/data/uci/concrete --split 0] [--epochs 200]
+        [--data ../shared/data/uci/concrete --split 0] [--epochs 100] [--hidden "200 200"]
+        [--threads 1]
 
 Prints a markdown table and writes it to docs/results/torchrun.md. With K processes on a
 machine of fewer than K free cores the processes only take turns: run it where K cores are
@@ -60,13 +61,18 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=8, help="ensemble members or chains")
     parser.add_argument("--data", default="../shared/data/uci/concrete")
     parser.add_argument("--split", default="0")
-    parser.add_argument("--epochs", default="200")
+    parser.add_argument("--epochs", default="100")
+    parser.add_argument("--hidden", default="200 200", help="hidden layer widths")
+    parser.add_argument(
+        "--threads", default="1", help="torch threads per process (torchrun's default: 1)"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results/torchrun.md"))
     args = parser.parse_args()
     units = "--members" if args.method == "ensemble" else "--chains"
     train_args = [
         *("--data", args.data, "--split", args.split, "--method", args.method),
         *(units, str(args.members), "--epochs", args.epochs, "--name", "bench"),
+        *("--hidden", *args.hidden.split(), "--threads", args.threads),
     ]
     load = os.getloadavg()[0]  # other work on the machine takes cores from the processes
     rows, weights = [], set()
@@ -91,8 +97,9 @@ def main() -> None:
         "# Training spread over processes (torchrun)\n\n"
         f"`credence-train {' '.join(train_args)}`, alone and under torchrun (gloo on "
         f"loopback): {args.method} with {args.members} {units[2:]} split into contiguous "
-        "blocks, one per process. Every run wrote the same weights (one sha256). Fit: the "
-        "manifest's `training.seconds` (rank 0); command: the whole run, interpreter start, "
+        f"blocks, one per process, each on {args.threads} thread(s). Every run wrote the "
+        "same weights (one sha256). Fit: the manifest's `training.seconds` (rank 0); "
+        "command: the whole run, interpreter start, "
         f"data, evaluation and checkpoint included. Load average at the start: {load:.1f} "
         f"on {os.cpu_count()} cores.\n\n"
         f"{body}\n\n"
@@ -102,7 +109,7 @@ def main() -> None:
         text,
         table=body,
         command="python benchmarks/torchrun_training.py " + " ".join(sys.argv[1:]),
-        machine=machine_line(machine_record(), 1),
+        machine=machine_line(machine_record(), int(args.threads)),
         advice="the speed-up needs as many free cores as processes.",
     )
 

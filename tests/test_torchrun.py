@@ -27,6 +27,10 @@ SGHMC = [
     *("--burnin-cycles", "1", "--epochs-per-cycle", "5", "--samples-per-cycle", "2"),
 ]
 TIMINGS = ("seconds", "total_seconds")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this torch build has no gloo backend for torch.distributed",
+)
 
 
 def _torchrun(args: list[str], out: Path, processes: int = 2) -> str:
