@@ -94,6 +94,15 @@ def test_one_network_methods_refuse_to_spread(method, monkeypatch, tmp_path, cap
     assert not any(tmp_path.iterdir())
 
 
+def test_only_rank_0_says_what_is_wrong(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_:
+        main([*COMMON, "--method", "laplace", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     ("args", "flag"),
     [(["--method", "ensemble", "--members", "2"], "--members 2"), (["--method", "sgld"], "")],

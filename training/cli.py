@@ -295,6 +295,9 @@ def _format_metrics(metrics: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
+    if not writer:  # every process checks the same flags: one copy of an error is enough
+        parser.error = lambda message: parser.exit(2)  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     options_of_method, foreign = method_options(args)
     if foreign:
@@ -358,7 +361,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         METHODS[args.method](**options_of_method).check_spread(processes)
     except ValueError as exc:
         parser.error(str(exc))
-    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
     quiet = args.quiet or not writer
     options = FitOptions(
         lr=args.lr,
