@@ -4,17 +4,20 @@
     credence-train --data houses.csv --target price --out models --name houses
     credence-train --data ../shared/data/uci/yacht --split 0
     credence-train --data fashion-mnist --arch cnn
+    torchrun --nproc-per-node 4 -m training.cli --data toy:sine-gap --method ensemble --members 8
 
 Only --data is required: the defaults (architecture, step budget, early stopping, learned
 noise) are chosen to give a good model on small tabular data without tuning. The method's
 own options come from its declaration in `training.methods`, so adding a method adds flags
-here without changing this module.
+here without changing this module. Under torchrun the processes share an ensemble's members or
+an SG-MCMC run's chains, and rank 0 writes the one checkpoint (`training.distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +26,7 @@ from training.architectures import ARCHITECTURES
 from training.calibration import CHOICES as CALIBRATION_CHOICES
 from training.checkpoint import NAME_PATTERN, save_checkpoint
 from training.data import TASKS, TOY_PREFIX, TOYS, DataError, load_data, slug
+from training.distributed import backend, from_environment, world_size
 from training.fit import FitOptions
 from training.likelihoods import NOISE_KINDS
 from training.methods import METHODS
@@ -291,6 +295,9 @@ def _format_metrics(metrics: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
+    if not writer:  # every process checks the same flags: one copy of an error is enough
+        parser.error = lambda message: parser.exit(2)  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     options_of_method, foreign = method_options(args)
     if foreign:
@@ -349,44 +356,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_exportable(args.method, args.arch)
         except ExportError as exc:
             parser.error(f"--export-onnx: {exc}")
+    processes = world_size()
     try:  # the method checks its own options (ranges, combinations) before any training
-        METHODS[args.method](**options_of_method)
+        METHODS[args.method](**options_of_method).check_spread(processes)
     except ValueError as exc:
         parser.error(str(exc))
+    quiet = args.quiet or not writer
     options = FitOptions(
         lr=args.lr,
         batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.patience,
         seed=args.seed,
-        progress=False if args.quiet else None,
+        progress=False if quiet else None,
         threads=args.threads,
     )
-    log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    log = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
     log(
         f"credence-train: {args.data}: {len(train)} training rows of shape {shape}, "
         f"{train.task} ({', '.join(train.output_names[:10])}"
         f"{', ...' if train.num_outputs > 10 else ''})"
         + (f"; {len(loaded.test)} test rows" if loaded.test is not None else "")
     )
+    if processes > 1:
+        log(f"credence-train: {args.method} spread over {processes} processes ({backend()})")
     start = time.perf_counter()
-    result = train_model(
-        train,
-        loaded.test,
-        method=args.method,
-        method_options=options_of_method,
-        arch=args.arch,
-        hidden=args.hidden,
-        activation=args.activation,
-        arch_options=arch_options,
-        noise=args.noise if train.task == "regression" else "homoscedastic",
-        tau=args.tau,
-        val_fraction=args.val_fraction,
-        options=options,
-        eval_samples=args.eval_samples,
-        noise_refit=args.noise_refit,
-        calibration=calibration,
-    )
+    with from_environment() as spread:
+        result = train_model(
+            train,
+            loaded.test,
+            method=args.method,
+            method_options=options_of_method,
+            arch=args.arch,
+            hidden=args.hidden,
+            activation=args.activation,
+            arch_options=arch_options,
+            noise=args.noise if train.task == "regression" else "homoscedastic",
+            tau=args.tau,
+            val_fraction=args.val_fraction,
+            options=options,
+            eval_samples=args.eval_samples,
+            noise_refit=args.noise_refit,
+            calibration=calibration,
+            spread=spread,
+        )
+    if result is None:  # another process of a torchrun job: rank 0 writes the checkpoint
+        return 0
     seconds = time.perf_counter() - start
     extra = {
         "args": vars(args),
@@ -394,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed": args.seed,
         "total_seconds": round(seconds, 3),
     }
+    if processes > 1:
+        extra["processes"] = {"world_size": processes, "backend": backend()}
     num_samples = {"default": args.num_samples_default, "max": args.max_num_samples}
     if args.export_onnx:  # model.onnx goes into the same staged write as the weights
         files, onnx_keys = export_files(result.model)

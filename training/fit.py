@@ -195,6 +195,22 @@ def validation_log_likelihood(
     return float(pointwise_log_likelihood(data.task, draws, torch.as_tensor(data.y)).mean())
 
 
+def _epoch_sums(
+    steps: list[tuple[int, Terms]], member_terms: Callable[[torch.Tensor], torch.Tensor] | None
+) -> dict[str, float]:
+    """Each term's sum over an epoch's steps of (step value x rows)."""
+    sums: dict[str, float] = {}
+    for name in steps[0][1] if steps else ():
+        values = [terms[name] for _, terms in steps]
+        if member_terms is not None:  # one row per step, every member's value
+            values = [row.mean() for row in member_terms(torch.stack(values))]
+        total = 0.0
+        for (rows, _), value in zip(steps, values, strict=True):
+            total += float(value) * rows
+        sums[name] = total
+    return sums
+
+
 def fit(
     model: PosteriorModel,
     train: Dataset,
@@ -202,12 +218,21 @@ def fit(
     options: FitOptions,
     loss_fn: LossFn | None = None,
     val_samples: int | None = None,
+    val_score: Callable[[], float] | None = None,
+    member_terms: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FitResult:
     """Minimize `loss_fn(x, y) -> (loss, terms)` (default: `nll_loss`) with Adam; early-stop
     on `val` when given, restoring the best weights.
 
+    The validation score is `val_score()` when given (a stacked posterior spread over
+    processes scores all its members together), else the predictive log-likelihood of
+    `val_samples` draws on `val`.
+
     The batch-size-weighted mean of every term over an epoch is recorded in
-    `metrics["epochs"][term]`, one value per epoch.
+    `metrics["epochs"][term]`, one value per epoch. With `member_terms`, a term is a vector
+    of per-member values (this process's members of a stacked posterior) whose step value is
+    the mean over all members: `member_terms` turns an epoch's [steps, m] into [steps, M],
+    gathering the other processes' blocks once per epoch rather than once per step.
     """
     loss_fn = loss_fn or nll_loss(model, len(train))
     epochs = options.budget(len(train))
@@ -229,20 +254,22 @@ def fit(
         model.train()
         bar = tqdm(total=epochs, disable=not progress, unit="epoch", leave=False)
         for epoch in range(1, epochs + 1):
-            sums: dict[str, float] = {}
+            steps: list[tuple[int, Terms]] = []
             for rows in minibatches(len(train), options.batch_size, shuffle):
                 loss, terms = loss_fn(x[rows], y[rows])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(rows)
-            for name, total in sums.items():
+                steps.append((len(rows), {k: v.detach() for k, v in terms.items()}))
+            for name, total in _epoch_sums(steps, member_terms).items():
                 records.setdefault(name, []).append(total / len(train))
             bar.update()
             if val is None or epoch < warmup or (epoch % eval_every and epoch != epochs):
                 continue
-            score = validation_log_likelihood(model, val, val_samples, options.seed)
+            if val_score is not None:
+                score = val_score()
+            else:
+                score = validation_log_likelihood(model, val, val_samples, options.seed)
             if not math.isfinite(score):
                 score = -math.inf
             history.append((epoch, score))

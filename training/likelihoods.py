@@ -45,17 +45,24 @@ class GaussianHead(nn.Module):
             cfg["noise_variance"] = float(self.log_noise_variance.exp()[0])
         return cfg
 
-    def per_draw(self, raw: torch.Tensor) -> torch.Tensor:
+    def per_draw(
+        self, raw: torch.Tensor, log_noise_variance: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`log_noise_variance` (broadcast against `raw`) replaces the homoscedastic noise's
+        own parameter, e.g. with one copy per stacked member."""
         k = self.num_targets
         if self.noise == "heteroscedastic":
             mean, variance = raw[..., :k], softplus(raw[..., k:]) + MIN_VARIANCE
         else:
-            mean, variance = raw, self.log_noise_variance.exp().expand_as(raw)
+            log_var = self.log_noise_variance if log_noise_variance is None else log_noise_variance
+            mean, variance = raw, log_var.exp().expand_as(raw)
         return torch.cat([mean, variance], dim=-1)
 
-    def nll(self, raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def nll(
+        self, raw: torch.Tensor, y: torch.Tensor, log_noise_variance: torch.Tensor | None = None
+    ) -> torch.Tensor:
         k = self.num_targets
-        out = self.per_draw(raw)
+        out = self.per_draw(raw, log_noise_variance)
         mean, variance = out[..., :k], out[..., k:]
         return (0.5 * (torch.log(2 * math.pi * variance) + (y - mean) ** 2 / variance)).sum(-1)
 

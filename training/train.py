@@ -22,6 +22,7 @@ from training.calibration import METHODS as CALIBRATION_METHODS
 from training.calibration import fit_calibration, summarize
 from training.checkpoint import save_checkpoint
 from training.data import Dataset
+from training.distributed import SINGLE, Spread
 from training.fit import (
     FitOptions,
     FitResult,
@@ -104,10 +105,15 @@ def train_model(
     eval_samples: int = EVAL_SAMPLES,
     noise_refit: bool = True,
     calibration: str | None = None,
-) -> TrainResult:
+    spread: Spread = SINGLE,
+) -> TrainResult | None:
     """Fit `method` on architecture `arch` (training.architectures: None for `hidden` or
     in `arch_options` keeps its default) on `train` and evaluate; `options.seed` fixes split,
     init and dropout.
+
+    With `spread` (a process of a torchrun job: training.distributed) the method's members
+    or chains are trained by every process together, and only rank 0 evaluates: it returns
+    the result, the other processes None.
 
     `calibration` (regression only: "variance", "isotonic", "conformal" or None) is fitted on
     the validation rows' draws after the noise refit. Those rows also chose the best epoch and
@@ -129,6 +135,7 @@ def train_model(
     if train.task == "classification" and train.num_outputs < 2:
         raise ValueError("classification needs at least two classes")
     approximation = get_method(method, **(method_options or {}))
+    approximation.check_spread(spread.world_size)
     architecture = arch_config(arch, train.input_shape, hidden, activation, **(arch_options or {}))
     fit_rows, val_rows = holdout_split(len(train), val_fraction, options.seed)
     fit_set = train.subset(fit_rows)
@@ -138,7 +145,9 @@ def train_model(
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout; caller's RNG untouched
         torch.manual_seed(options.seed)
         model = approximation.build(architecture, likelihood, stats)
-        result = approximation.train(model, fit_set, val_set, options)
+        result = approximation.train(model, fit_set, val_set, options, spread)
+    if spread.rank != 0:
+        return None
     eval_samples = draws_used(eval_samples, model.set_size)
     metrics: dict[str, dict] = {}
     with torch_threads(options.threads or auto_threads(model)):

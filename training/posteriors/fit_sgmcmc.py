@@ -14,7 +14,9 @@ size follows a / 2 (cos(pi t / L) + 1); its first `exploration` fraction adds no
 optimizer finding a new mode) and the rest samples. The first `burnin_cycles` cycles are
 discarded; from each later cycle `samples_per_cycle` weights are kept, `thin` steps apart,
 ending at the cycle's last step. Several chains run in parallel as stacked parameters, and
-the kept samples are stored ordered so that the first draws span cycles and chains.
+the kept samples are stored ordered so that the first draws span cycles and chains. Each
+chain's noise comes from its own generator, seeded by (seed, chain), so the chains can be
+spread over processes (training.distributed) without changing a sample.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from training.data import Dataset
+from training.distributed import SINGLE, Spread, unit_seed
 from training.fit import (
     FitOptions,
     FitResult,
@@ -34,9 +37,8 @@ from training.fit import (
     minibatches,
     standardized,
     torch_threads,
-    validation_log_likelihood,
 )
-from training.posteriors.fit_ensemble import fit_ensemble
+from training.posteriors.fit_ensemble import fit_ensemble, members_log_likelihood
 from training.posteriors.stacked import Stacked
 
 SAMPLERS = ("sgld", "sghmc")
@@ -101,24 +103,37 @@ class _Schedule:
         return 0.5 * base * (math.cos(math.pi * t / self.length) + 1)
 
 
+def _chain_noise(
+    generators: list[torch.Generator], params: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Standard normal noise shaped like each of `params` ([m, ...], one block of chains),
+    chain c's from generator c alone: one draw per chain and step covers all its weights."""
+    sizes = [p[0].numel() for p in params]
+    flat = torch.stack([torch.randn(sum(sizes), generator=g) for g in generators])
+    return [part.reshape(p.shape) for part, p in zip(flat.split(sizes, 1), params, strict=True)]
+
+
 def _update(
     params: list[torch.Tensor],
-    grads: tuple[torch.Tensor, ...],
+    grads: list[torch.Tensor],
     momenta: list[torch.Tensor],
     settings: SGMCMCSettings,
     alpha: float,
+    noise: list[torch.Tensor] | None,
     noise_sd: float,
 ) -> None:
-    """One SGLD or SGHMC step in place (see the module docstring)."""
-    for p, g, v in zip(params, grads, momenta, strict=True):
+    """One SGLD or SGHMC step in place (see the module docstring); `noise` is None in a
+    cycle's noise-free stage. Every operation rounds once per element, so a block of chains
+    gets the same bits as it does among all chains."""
+    for i, (p, g, v) in enumerate(zip(params, grads, momenta, strict=True)):
         if settings.sampler == "sgld":
             p.sub_(alpha * g)
-            if noise_sd:
-                p.add_(noise_sd * torch.randn_like(p))
+            if noise is not None:
+                p.add_(noise_sd * noise[i])
         else:
             v.mul_(1 - settings.friction).sub_(alpha * g)
-            if noise_sd:
-                v.add_(noise_sd * torch.randn_like(v))
+            if noise is not None:
+                v.add_(noise_sd * noise[i])
             p.add_(v)
 
 
@@ -127,15 +142,13 @@ def _noise_sd(settings: SGMCMCSettings, alpha: float, num_train: int) -> float:
     return math.sqrt(variance * settings.friction if settings.sampler == "sghmc" else variance)
 
 
-def _draw_order(kept: list[list[torch.Tensor]], cycles_kept: int) -> list[torch.Tensor]:
-    """Snapshots [cycle, sample in cycle] of [chain, ...] tensors -> one [S, ...] tensor per
-    parameter, ordered (sample in cycle, cycle, chain) so the first draws span cycles and
-    chains rather than neighbouring steps of one chain."""
-    out = []
-    for i in range(len(kept[0])):
-        snaps = torch.stack([snapshot[i] for snapshot in kept]).unflatten(0, (cycles_kept, -1))
-        out.append(snaps.transpose(0, 1).flatten(0, 2))
-    return out
+def _draw_order(snapshots: list[torch.Tensor], cycles_kept: int) -> list[torch.Tensor]:
+    """Per parameter, snapshots [cycle x sample in cycle, chain, ...] -> one [S, ...] tensor,
+    ordered (sample in cycle, cycle, chain) so the first draws span cycles and chains rather
+    than neighbouring steps of one chain."""
+    return [
+        snaps.unflatten(0, (cycles_kept, -1)).transpose(0, 1).flatten(0, 2) for snaps in snapshots
+    ]
 
 
 def fit_sgmcmc(
@@ -144,11 +157,14 @@ def fit_sgmcmc(
     val: Dataset | None,
     options: FitOptions,
     settings: SGMCMCSettings,
+    spread: Spread = SINGLE,
 ) -> FitResult:
-    """Run the chains and store the kept samples in `model` (members = settings.num_samples).
+    """Run the chains (this process's block of them, with `spread`) and store the kept
+    samples of every chain in `model` (members = settings.num_samples), on every process.
 
     A learned homoscedastic noise (the head's parameter) is not sampled: it is a point
-    estimate fitted by Adam on the same minibatches (empirical Bayes).
+    estimate fitted by Adam on the same minibatches (empirical Bayes), from every chain's
+    gradient.
     """
     if model.members != settings.num_samples:
         raise ValueError(f"model has {model.members} members, settings keep {settings.num_samples}")
@@ -160,12 +176,17 @@ def fit_sgmcmc(
     chain.head.load_state_dict(model.head.state_dict())
     if settings.warmup_epochs:
         warmup = dataclasses.replace(options, epochs=settings.warmup_epochs, patience=None)
-        fit_ensemble(chain, train, None, warmup)
+        fit_ensemble(chain, train, None, warmup, spread)
         chain.train()
+    block = spread.block(settings.chains)
     params = chain.body_parameters()
     head_params = list(chain.head.parameters())
     head_opt = adam(head_params, options.lr) if head_params else None
-    momenta = [torch.zeros_like(p) for p in params]
+    momenta = [torch.zeros_like(p[block]) for p in params]
+    generators = [
+        torch.Generator().manual_seed(unit_seed(options.seed, c))
+        for c in range(block.start, block.stop)
+    ]
     steps_per_epoch = math.ceil(n / options.batch_size)
     schedule = _Schedule.of(settings, steps_per_epoch)
     kept: list[list[torch.Tensor]] = []
@@ -176,34 +197,45 @@ def fit_sgmcmc(
         for cycle in range(settings.cycles):
             t = 0
             for _ in range(settings.epochs_per_cycle):
-                total = 0.0
+                steps: list[tuple[int, torch.Tensor]] = []  # (rows, this block's nll)
                 for rows in minibatches(n, options.batch_size, shuffle):
-                    nll = chain.member_nll(chain(x[rows]), y[rows])
+                    noise_var = chain.member_noise(block, spread)
+                    nll = chain.member_nll(chain.run_block(x[rows], block), y[rows], noise_var)
                     grads = torch.autograd.grad(
-                        nll.sum() + chain.penalty(n), [*params, *head_params]
+                        nll.sum() + chain.penalty(n, block), [*params, *head_params]
                     )
                     alpha = schedule.step_size(settings.step_size, t)
                     noise_sd = _noise_sd(settings, alpha, n) if t >= schedule.sampling_start else 0
                     with torch.no_grad():
-                        _update(params, grads[: len(params)], momenta, settings, alpha, noise_sd)
+                        mine = [p[block] for p in params]
+                        noise = _chain_noise(generators, mine) if noise_sd else None
+                        mine_grads = [g[block] for g in grads[: len(params)]]
+                        _update(mine, mine_grads, momenta, settings, alpha, noise, noise_sd)
                     if head_opt is not None:
                         for p, g in zip(head_params, grads[len(params) :], strict=True):
                             p.grad = g
                         head_opt.step()
                     if cycle >= settings.burnin_cycles and t in schedule.keep:
-                        kept.append([p.detach().clone() for p in params])
-                    total += float(nll.detach().mean()) * len(rows)
+                        kept.append([p[block].detach().clone() for p in params])
+                    steps.append((len(rows), nll.detach()))
                     t += 1
+                every = spread.gather(torch.stack([v for _, v in steps], 1), settings.chains)
+                total = 0.0  # every chain's mean per step, gathered once per epoch
+                for (rows, _), values in zip(steps, every.T.contiguous(), strict=True):
+                    total += float(values.mean()) * rows
                 if not math.isfinite(total):
                     raise FloatingPointError(
                         f"{settings.sampler} diverged in cycle {cycle}; use a smaller step size"
                     )
                 nll_per_epoch.append(total / n)
-        stacked = _draw_order(kept, settings.cycles - settings.burnin_cycles)
-        model.load_members(stacked)
+        snapshots = [  # per parameter [snapshot, chain, ...], every process's chains
+            spread.gather(torch.stack([s[i] for s in kept], 1), settings.chains).transpose(0, 1)
+            for i in range(len(params))
+        ]
+        model.load_members(_draw_order(snapshots, settings.cycles - settings.burnin_cycles))
         model.head.load_state_dict(chain.head.state_dict())
         model.eval()
-        val_ll = validation_log_likelihood(model, val, model.members, options.seed) if val else None
+        val_ll = members_log_likelihood(model, val, spread) if val else None
     epochs = settings.cycles * settings.epochs_per_cycle
     return FitResult(
         epochs_run=epochs,

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from training.architectures import arch_name
 from training.build import model_type
 from training.data import Dataset
+from training.distributed import SINGLE, Spread
 from training.fit import FitOptions, FitResult, fit
 from training.model import PosteriorModel
 from training.posteriors.fit_ensemble import fit_ensemble
@@ -61,10 +62,25 @@ class Method:
         """What the method adds to the architecture config (its model's arch keys)."""
         return {}
 
+    def check_spread(self, processes: int) -> None:
+        """Raise unless training can be spread over `processes` processes (torchrun)."""
+        if processes > 1:
+            raise ValueError(
+                f"--method {self.name} fits one network, which cannot be split across "
+                f"{processes} processes; run it in one process (without torchrun, or with "
+                "--nproc-per-node 1). ensemble, sgld and sghmc spread their members or chains"
+            )
+
     def train(
-        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+        self,
+        model: PosteriorModel,
+        train: Dataset,
+        val: Dataset | None,
+        options: FitOptions,
+        spread: Spread = SINGLE,
     ) -> FitResult:
-        """Gradient training on NLL + penalty; methods with other samplers override this."""
+        """Gradient training on NLL + penalty; methods with other samplers override this.
+        `spread`: this process's place in a torchrun job (`check_spread` allowed it)."""
         return fit(model, train, val, options)
 
 
@@ -171,9 +187,23 @@ class Variational(_PosteriorMethod):
         return {"prior": self.options["prior"]}
 
     def train(
-        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+        self,
+        model: PosteriorModel,
+        train: Dataset,
+        val: Dataset | None,
+        options: FitOptions,
+        spread: Spread = SINGLE,
     ) -> FitResult:
         return fit_variational(model, train, val, options, self.options["moped_delta"])
+
+
+def _check_units(flag: str, units: int, processes: int) -> None:
+    """Each process trains a block of members (or chains) of its own: at least one."""
+    if units < processes:
+        raise ValueError(
+            f"{flag} {units} cannot be spread over {processes} processes: each trains at "
+            f"least one; use {flag} >= {processes} or fewer processes"
+        )
 
 
 class Ensemble(_PosteriorMethod):
@@ -189,10 +219,18 @@ class Ensemble(_PosteriorMethod):
     def arch_options(self, arch: dict) -> dict[str, Any]:
         return {"members": self.options["members"], "prior": self.options["prior"]}
 
+    def check_spread(self, processes: int) -> None:
+        _check_units("--members", self.options["members"], processes)
+
     def train(
-        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+        self,
+        model: PosteriorModel,
+        train: Dataset,
+        val: Dataset | None,
+        options: FitOptions,
+        spread: Spread = SINGLE,
     ) -> FitResult:
-        return fit_ensemble(model, train, val, options)
+        return fit_ensemble(model, train, val, options, spread)
 
 
 _SGMCMC_FLAGS = {  # setting -> (type, help)
@@ -229,10 +267,18 @@ class _SGMCMC(_PosteriorMethod):
     def arch_options(self, arch: dict) -> dict[str, Any]:
         return {"members": self.settings.num_samples, "prior": self.options["prior"]}
 
+    def check_spread(self, processes: int) -> None:
+        _check_units("--chains", self.settings.chains, processes)
+
     def train(
-        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+        self,
+        model: PosteriorModel,
+        train: Dataset,
+        val: Dataset | None,
+        options: FitOptions,
+        spread: Spread = SINGLE,
     ) -> FitResult:
-        return fit_sgmcmc(model, train, val, options, self.settings)
+        return fit_sgmcmc(model, train, val, options, self.settings, spread)
 
 
 def _sgmcmc_defaults(step_size: float) -> dict[str, Any]:
@@ -277,6 +323,11 @@ class Laplace(_PosteriorMethod):
         return {"structure": self.options["structure"], "prior": self.options["prior"]}
 
     def train(
-        self, model: PosteriorModel, train: Dataset, val: Dataset | None, options: FitOptions
+        self,
+        model: PosteriorModel,
+        train: Dataset,
+        val: Dataset | None,
+        options: FitOptions,
+        spread: Spread = SINGLE,
     ) -> FitResult:
         return fit_laplace(model, train, val, options, self.options["prior_precision"])

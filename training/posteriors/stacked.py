@@ -20,6 +20,7 @@ from torch import nn
 
 from training import segments
 from training.architectures import build_body
+from training.distributed import SINGLE, Spread, shared
 from training.model import PosteriorModel
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 from training.priors import DEFAULT_PRIOR, parse_prior
@@ -51,6 +52,16 @@ class Stacked(PosteriorModel):
         None)."""
         raise NotImplementedError
 
+    def run_block(self, h: torch.Tensor, block: slice) -> torch.Tensor:
+        """Inputs [B, ...] -> raw outputs [m, B, out] of the members in `block` (the ones this
+        process trains: training.distributed), each computed as it is among all M."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def block_draws(self, x: torch.Tensor, block: slice) -> torch.Tensor:
+        """Draws [m, B, out] (original units) of the members in `block`."""
+        return self._draws(self.run_block(self.normalizer.inputs(x), block))
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Every member on the same rows: [M, B, raw_features] (the loss sums members)."""
         return self.run(z)
@@ -72,20 +83,43 @@ class Stacked(PosteriorModel):
         """Which member each of draws 0..n-1 is (s mod M); None when they are the first n."""
         return None if n <= self.members else torch.arange(n, device=device) % self.members
 
-    def member_log_prior(self) -> torch.Tensor:
-        """log p(theta_m) of each member's weights and biases: [M]."""
+    def member_log_prior(self, block: slice | None = None) -> torch.Tensor:
+        """log p(theta_m) of each member's weights and biases: [M] (or the block's [m])."""
+        params = [p[block or slice(None)] for p in self.body_parameters()]
         return sum(
-            (self.prior.log_prob(p).flatten(1).sum(1) for p in self.body_parameters()),
-            self.body_parameters()[0].new_zeros(self.members),
+            (self.prior.log_prob(p).flatten(1).sum(1) for p in params), params[0].new_zeros(())
         )
 
-    def penalty(self, num_train: int) -> torch.Tensor:
-        """Negative log prior per example, summed over members (each member is a MAP fit)."""
-        return -self.member_log_prior().sum() / num_train
+    def penalty(self, num_train: int, block: slice | None = None) -> torch.Tensor:
+        """Negative log prior per example, summed over members (each member is a MAP fit),
+        or over the members of `block`."""
+        return -self.member_log_prior(block).sum() / num_train
 
-    def member_nll(self, raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean NLL of each member: raw [M, B, F], y [B, ...] -> [M]."""
+    def member_noise(self, block: slice, spread: Spread = SINGLE) -> torch.Tensor | None:
+        """A learned homoscedastic noise as one copy per member of `block` [m, k], whose
+        gradient sums every member's in member order (training.distributed.shared); None when
+        the head learns no noise."""
+        if getattr(self.head, "noise", None) != "homoscedastic":
+            return None
+        return shared(self.head.log_noise_variance, block, self.members, spread)
+
+    def gather_members(self, spread: Spread) -> None:
+        """Copy every process's block of members into its place here, on every process."""
+        if spread.world_size == 1:
+            return
+        block = spread.block(self.members)
+        with torch.no_grad():
+            for p in self.body_parameters():
+                p.copy_(spread.gather(p[block].detach(), self.members))
+
+    def member_nll(
+        self, raw: torch.Tensor, y: torch.Tensor, log_noise_variance: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean NLL of each member: raw [M, B, F], y [B, ...] -> [M]; `log_noise_variance`
+        [M, k] (`member_noise`) stands in for the head's learned noise."""
         m, b = raw.shape[:2]
+        if log_noise_variance is not None:
+            return self.head.nll(raw, y, log_noise_variance.unsqueeze(1)).mean(1)
         targets = y.unsqueeze(0).expand(m, *y.shape).reshape(m * b, *y.shape[1:])
         return self.head.nll(raw.reshape(m * b, -1), targets).view(m, b).mean(1)
 
@@ -126,6 +160,14 @@ class StackedNet(Stacked):
         members = self.draw_members(n, h.device)
         if members is None:
             members = torch.arange(n, device=h.device)
+        return self._run_members(h, members, vmap)
+
+    def run_block(self, h: torch.Tensor, block: slice) -> torch.Tensor:
+        return self._run_members(h, torch.arange(block.start, block.stop, device=h.device))
+
+    def _run_members(
+        self, h: torch.Tensor, members: torch.Tensor, vmap: bool | None = None
+    ) -> torch.Tensor:
         if vmap if vmap is not None else h.shape[0] < self.VMAP_ROWS:
             params = {name: p[members] for name, p in zip(self.names, self.stack, strict=True)}
             return torch.func.vmap(self._member, in_dims=(0, None))(params, h)
@@ -170,7 +212,23 @@ class StackedMLP(Stacked):
         return [*self.weights, *self.biases]
 
     def run(self, h: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        weights, biases = self._draw_weights(self.members if n is None else n, h.device)
+        return self._layers(h, *self._draw_weights(self.members if n is None else n, h.device))
+
+    def run_block(self, h: torch.Tensor, block: slice) -> torch.Tensor:
+        # baddbmm over one matrix takes other kernels than over several, which round
+        # differently: a lone member runs beside a neighbour, whose output is dropped
+        start, stop = block.start, block.stop
+        if stop - start == 1 < self.members:
+            start = min(start, self.members - 2)
+            stop = start + 2
+        out = self._layers(
+            h, [w[start:stop] for w in self.weights], [b[start:stop] for b in self.biases]
+        )
+        return out[block.start - start : block.stop - start]
+
+    def _layers(
+        self, h: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
+    ) -> torch.Tensor:
         m = weights[0].shape[0]
         if h.dim() == 2:
             h = h.unsqueeze(0).expand(m, *h.shape)
