@@ -31,6 +31,7 @@ IMAGE = "localhost/credence-serve:test"
 # runc, not crun, and ulimits no higher than the sandbox's (raising them is refused here)
 RUNTIME = ["--runtime", "runc"]
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000"]
+LOCKED_DOWN = ["--read-only", "--cap-drop=all", "--security-opt=no-new-privileges"]
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 BODY = {"instances": [[0.0], [2.5]], "parameters": {"num_samples": 200, "seed": 7}}
 
@@ -135,7 +136,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Container:
-    """A detached container of the image on the host's network, bound to loopback."""
+    """A detached container of the image on the host's network, bound to loopback, locked
+    down as deploy/kubernetes' pods are: read-only root (a tmpfs /tmp), no capabilities,
+    no privilege escalation."""
 
     def __init__(self, image: str, model_dir: Path, **env: str):
         self.name = f"credence-test-{uuid.uuid4().hex[:8]}"
@@ -149,6 +152,7 @@ class Container:
             "--name",
             self.name,
             *ULIMITS,
+            *LOCKED_DOWN,
             "--network=host",
             "--volume",
             f"{model_dir}:/models:ro",
