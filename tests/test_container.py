@@ -199,6 +199,14 @@ def test_container_is_healthy_and_predicts_as_the_same_model_outside(
         outside = httpx.post(f"http://{address}/v1/models/sine-gap:predict", json=BODY, timeout=30)
     assert outside.status_code == 200, outside.text
     assert inside.json() == outside.json()
+    # the HEALTHCHECK does look at the server: pointed at a port with none, it fails
+    inspected = json.loads(podman("image", "inspect", IMAGE).stdout)[0]
+    kind, *check = inspected["Healthcheck"]["Test"]
+    assert kind == "CMD"
+    elsewhere = podman(
+        "exec", "--env", f"CREDENCE_PORT={free_port()}", container.name, *check, check=False
+    )
+    assert elsewhere.returncode != 0
     user = podman("exec", container.name, "id", "-u").stdout.strip()
     assert user == "10001"  # not root
     ready = httpx.get(f"{container.base}/readyz", timeout=5).json()
