@@ -6,6 +6,7 @@ is answered, and it exits 0."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,8 @@ from training import cli
 ROOT = Path(__file__).resolve().parents[1]
 PODMAN = shutil.which("podman")
 BASE = "localhost/debian-min:bookworm"
-IMAGE = "localhost/credence-serve:test"
+# one tag per checkout, so that two clones testing at once do not replace each other's image
+IMAGE = f"localhost/credence-serve:test-{hashlib.sha256(bytes(ROOT)).hexdigest()[:8]}"
 # runc, not crun, and ulimits no higher than the sandbox's (raising them is refused here)
 RUNTIME = ["--runtime", "runc"]
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000"]
@@ -54,13 +56,21 @@ def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Co
     return done
 
 
-def report(line: str) -> None:
-    """Build and run numbers, shown in the test run's output (they are not asserted)."""
-    sys.__stdout__.write(f"\n[container] {line}\n")
-    sys.__stdout__.flush()
+@pytest.fixture(scope="module")
+def report(pytestconfig: pytest.Config) -> Callable[[str], None]:
+    """Build and run numbers, written to the test run's output (they are not asserted)."""
+    terminal = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+    def write(line: str) -> None:
+        if terminal is not None and capture is not None:
+            with capture.global_and_fixture_disabled():  # past pytest's output capture
+                terminal.write_line(f"[container] {line}")
+
+    return write
 
 
-def ensure_base_image() -> None:
+def ensure_base_image(report: Callable[[str], None]) -> None:
     """Debian bookworm's minimal system as an image, imported once and reused."""
     if podman("image", "exists", BASE, check=False).returncode == 0:
         return
@@ -112,8 +122,8 @@ def build_command() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
-    ensure_base_image()
+def image(report: Callable[[str], None]) -> str:
+    ensure_base_image(report)
     before = image_id()
     started = time.monotonic()
     podman(*build_command(), "-t", IMAGE, str(ROOT), timeout=1800)
@@ -190,7 +200,7 @@ def container(image: str, model_dir: Path, request: pytest.FixtureRequest) -> It
 
 
 def test_container_is_healthy_and_predicts_as_the_same_model_outside(
-    container: Container, model_dir: Path
+    container: Container, model_dir: Path, report: Callable[[str], None]
 ) -> None:
     report(f"healthy {container.wait_healthy():.1f} s after start")
     inside = httpx.post(f"{container.base}/v1/models/sine-gap:predict", json=BODY, timeout=30)
@@ -218,7 +228,9 @@ def test_container_is_healthy_and_predicts_as_the_same_model_outside(
     [{"CREDENCE_MAX_BATCH_DELAY_MS": "600", "CREDENCE_SHUTDOWN_GRACE_S": "20"}],
     indirect=True,
 )
-def test_sigterm_under_load_answers_every_accepted_request(container: Container) -> None:
+def test_sigterm_under_load_answers_every_accepted_request(
+    container: Container, report: Callable[[str], None]
+) -> None:
     """Clients keep sending, a new connection per request, while each batch waits 600 ms
     for rows; SIGTERM lands 200 ms into a wait, when every client's request is in (they send
     within milliseconds of an answer) and well before the batch closes. Every request is
