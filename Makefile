@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 # with PIP_INDEX_URL pointing at the CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages the tests use: Fashion-MNIST (the image sets), Prometheus with promtool
-# (tests/test_prometheus.py) and Chromium, which renders /docs offline
-# (tests/test_docs_browser.py); apt-get as root, else sudo
-DEB_PACKAGES := dataset-fashion-mnist prometheus chromium
+# (tests/test_prometheus.py), Chromium, which renders /docs offline (tests/test_docs_browser.py),
+# and podman with runc and debootstrap to build and run the image (tests/test_container.py);
+# apt-get as root, else sudo
+DEB_PACKAGES := dataset-fashion-mnist prometheus chromium podman runc debootstrap
 APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
 MODEL_DIR ?= models
 HOST ?= 127.0.0.1
