@@ -154,6 +154,14 @@ def test_bundled_co2_is_monthly_without_gaps():
     assert np.isfinite(co2.values).all() and 310 < co2.values.min() < co2.values.max() < 375
 
 
+def test_bundled_sunspots_and_airline_load_offline():
+    sunspots = load_series("series:sunspots")
+    assert (sunspots.times[0], sunspots.times[-1], len(sunspots.values)) == ("1700", "2008", 309)
+    airline = load_series("series:airline")  # sktime's copy of Box & Jenkins' series
+    assert airline.times[:2] == ["1949-01", "1949-02"] and len(airline.values) == 144
+    assert airline.values[:3, 0].tolist() == [112, 118, 132]
+
+
 def test_a_relative_forecaster_moves_with_the_level_of_its_window():
     """Shifting a window by c shifts every predicted mean by c and leaves the variances."""
     torch.manual_seed(0)
