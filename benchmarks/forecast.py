@@ -347,6 +347,7 @@ def main() -> None:
         "folds": folds,
         "pooled": overall,
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time(), 1),  # its own, whatever else shares the cores
         "machine": machine,
     }
     (args.out / "forecast.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -357,7 +358,7 @@ def write(args: argparse.Namespace, record: dict) -> None:
     """forecast.md from a run's record (its folds, pooled metrics, time and machine)."""
     names = {"network": args.arch.upper(), "sarima": "SARIMA", "ets": "ETS"}
     folds, overall, seconds = record["folds"], record["pooled"], record["seconds"]
-    text = report_text(args, names, folds[-1], overall, folds, seconds)
+    text = report_text(args, names, folds[-1], overall, folds, seconds, record)
     flags = [] if args.folds == 3 else [f"--folds {args.folds}"]
     write_report(
         args.out / "forecast.md",
@@ -398,8 +399,27 @@ def verdict(metrics: dict[str, dict], names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def report_text(args, names, last, overall, folds, seconds) -> str:
+def fold_table(folds: list[dict], names: dict[str, str]) -> str:
+    """One row per fold: each method's 95% PICP and CRPS averaged over the steps."""
+    keys = list(folds[0]["metrics"])
+    lines = [
+        "| held-out block | " + " | ".join(f"{names[k]} PICP | {names[k]} CRPS" for k in keys),
+        "|---" * (1 + 2 * len(keys)) + "|",
+    ]
+    for fold in folds:
+        cells = [
+            f"{np.mean(fold['metrics'][k]['picp']):.3f} | {np.mean(fold['metrics'][k]['crps']):.3f}"
+            for k in keys
+        ]
+        lines.append(f"| {fold['block']} | " + " | ".join(cells) + " |")
+    lines[0] += " |"
+    return "\n".join(lines)
+
+
+def report_text(args, names, last, overall, folds, seconds, record) -> str:
     fits = ", ".join(f"{f['network_fit']['seconds']:.0f}" for f in folds)
+    cpu = record.get("cpu_seconds")
+    took = f"The run took {seconds:.0f} s of wall time and {cpu or 0:.0f} s of CPU time.\n\n"
     return (
         "# Forecasting CO2 with intervals\n\n"
         f"`benchmarks/forecast.py`: a Bayesian {names['network']} ({args.method}, "
@@ -418,11 +438,14 @@ def report_text(args, names, last, overall, folds, seconds) -> str:
         f"{args.samples}-draw mixture with the `{args.calibration}` calibration fitted on its "
         f"validation windows (the last {args.val_fraction:.0%} of the training windows, kept "
         f"clear of the fitted ones); its fits took {fits} s. Widths and RMSE are in ppm.\n\n"
-        f"## The last {args.block} months held out ({last['block']})\n\n"
+        + (took if cpu is not None else "")
+        + f"## The last {args.block} months held out ({last['block']})\n\n"
         + table(last["metrics"], names)
         + "\n\n"
         + verdict(last["metrics"], names)
         + f"\n\n## Backtest: {args.folds} folds pooled\n\n"
+        + fold_table(folds, names)
+        + "\n\nEvery step over the folds together:\n\n"
         + table(overall, names)
         + "\n\n"
         + verdict(overall, names)
