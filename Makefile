@@ -15,7 +15,7 @@ MODEL_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo test lint format bench-uci bench-methods bench-gap bench-serve bench-device clean
+.PHONY: install demo test lint format bench-uci bench-methods bench-gap bench-serve bench-device bench-forecast clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,13 @@ bench-methods: install
 GAP_ARGS ?=
 bench-gap: install
 	$(BIN)/python benchmarks/gap.py $(GAP_ARGS)
+
+# CO2 forecasts with intervals: a Bayesian LSTM against SARIMA and ETS, rolling origins over
+# the last 3 two-year blocks (docs/results/forecast.md and forecast.png); FORECAST_ARGS='--folds 1'
+# for the last two years alone.
+FORECAST_ARGS ?=
+bench-forecast: $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/forecast.py $(FORECAST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -136,6 +136,8 @@ def model_detail(entry: ModelEntry) -> dict:
             ),
             metrics=spec.manifest.get("metrics"),
         )
+        if spec.manifest.get("forecast"):  # a forecaster: window, horizon, features, targets
+            detail["forecast"] = spec.manifest["forecast"]
     return detail
 
 

@@ -9,7 +9,8 @@ variational inference puts a Gaussian on each of them, and last-layer Laplace ta
     mlp   [D]        dense layers (dropout on each layer's input)
     cnn   [C, H, W]  conv blocks (conv, activation, 2x2 max-pool, channel dropout), then dense
     lstm  [T, F]     recurrent layers (one dropout mask per sequence on inputs and state,
-    gru   [T, F]     Gal & Ghahramani 2016b), the last state, then dense
+    gru   [T, F]     Gal & Ghahramani 2016b; the first layer's inputs, the sequence's own
+                     features, only with input_dropout), the last state, then dense
 """
 
 from __future__ import annotations
@@ -86,7 +87,13 @@ class Recurrent(nn.Module):
     GATES: dict[str, int] = {"lstm": 4, "gru": 3}  # noqa: RUF012
 
     def __init__(
-        self, kind: str, in_features: int, hidden: int, p: float = 0.0, sequence: bool = False
+        self,
+        kind: str,
+        in_features: int,
+        hidden: int,
+        p: float = 0.0,
+        sequence: bool = False,
+        input_p: float | None = None,
     ):
         super().__init__()
         self.kind, self.hidden, self.sequence = kind, hidden, sequence
@@ -96,7 +103,7 @@ class Recurrent(nn.Module):
         self.weight_hh = nn.Parameter(torch.empty(gates, hidden).uniform_(-bound, bound))
         self.bias_ih = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
         self.bias_hh = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
-        self.input_site = Site(p, in_features)
+        self.input_site = Site(p if input_p is None else input_p, in_features)
         self.state_site = Site(p, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [rows, T, F]
@@ -189,8 +196,13 @@ def _recurrent(kind: str) -> Callable[[dict, int, float], Body]:
         _, width = arch["input_shape"]
         sizes = list(arch.get("recurrent", [64]))
         modules: list[nn.Module] = []
+        # the series' own features are dropped only with input_dropout, as an MLP's are: a
+        # univariate series dropped for a whole sequence leaves a draw nothing to read
+        first_p = p if arch.get("input_dropout", True) else 0.0
         for i, size in enumerate(sizes):
-            modules.append(Recurrent(kind, width, size, p, sequence=i < len(sizes) - 1))
+            last = i == len(sizes) - 1
+            input_p = first_p if i == 0 else p
+            modules.append(Recurrent(kind, width, size, p, sequence=not last, input_p=input_p))
             width = size
         dense, width = _dense(width, arch, p, p)
         return Body([*modules, *dense], nn.Linear(width, out_features), Site(p, width))

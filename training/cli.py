@@ -5,6 +5,7 @@
     credence-train --data ../shared/data/uci/yacht --split 0
     credence-train --data fashion-mnist --arch cnn
     torchrun --nproc-per-node 4 -m training.cli --data toy:sine-gap --method ensemble --members 8
+    credence-train --data series:co2 --task forecast --arch lstm --window 24 --horizon 12
 
 Only --data is required: the defaults (architecture, step budget, early stopping, learned
 noise) are chosen to give a good model on small tabular data without tuning. The method's
@@ -26,11 +27,14 @@ from training.architectures import ARCHITECTURES
 from training.calibration import CHOICES as CALIBRATION_CHOICES
 from training.checkpoint import NAME_PATTERN, save_checkpoint
 from training.data import TASKS, TOY_PREFIX, TOYS, DataError, load_data, slug
+from training.dataset import LoadedData
 from training.distributed import backend, from_environment, world_size
 from training.fit import FitOptions
 from training.likelihoods import NOISE_KINDS
 from training.methods import METHODS
 from training.onnx_export import EXPORTABLE_METHODS, ExportError, check_exportable, export_files
+from training.series import BUNDLED as BUNDLED_SERIES
+from training.series import SERIES_PREFIX, load_forecast
 from training.train import (
     DEFAULT_VAL_FRACTION,
     EVAL_SAMPLES,
@@ -46,6 +50,8 @@ FIT_DEFAULTS = FitOptions()
 # 93-97% test coverage of 95% intervals on all five UCI sets (isotonic was narrower but a
 # little under on Boston and yacht). Classifiers, and runs with no validation rows, get none.
 DEFAULT_CALIBRATION = "conformal"
+FORECAST = "forecast"
+FORECAST_FLAGS = ("window", "horizon", "test_steps", "time_column")
 
 
 def _bounded(
@@ -128,8 +134,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--task",
-        choices=TASKS,
-        help="default: inferred (toys know; a non-numeric CSV target means classification)",
+        choices=(*TASKS, FORECAST),
+        help="default: inferred (toys know; a non-numeric CSV target means classification); "
+        "forecast: --data is a series (a CSV with a time column, or "
+        f"{', '.join(SERIES_PREFIX + s for s in BUNDLED_SERIES)}), --target its columns to "
+        "forecast (comma-separated; default: all)",
+    )
+    series = parser.add_argument_group("forecast (--task forecast)")
+    series.add_argument(
+        "--window", type=_positive_int, metavar="W", help="past steps of every feature per instance"
+    )
+    series.add_argument(
+        "--horizon", type=_positive_int, metavar="H", help="future steps predicted per target"
+    )
+    series.add_argument(
+        "--test-steps",
+        type=_nonnegative_int,
+        metavar="K",
+        help="last steps held out for the test metrics, every window whose targets lie in "
+        "them a test row (default: H; 0: none)",
+    )
+    series.add_argument(
+        "--relative",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="predict changes from the window's last value, on inputs taken relative to it "
+        "(undone in the served outputs): a trending series stays in the trained range",
+    )
+    series.add_argument(
+        "--time-column", metavar="COLUMN", help="a CSV series' time column (default: the first)"
     )
 
     model = parser.add_argument_group("model")
@@ -293,6 +326,31 @@ def _format_metrics(metrics: dict) -> str:
     return f"accuracy {metrics['accuracy']:.4f}, NLL {metrics['nll']:.4g}, ECE {metrics['ece']:.3f}"
 
 
+def _load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LoadedData:
+    """The data `args` name: a series' windows for --task forecast, else `load_data`."""
+    given = [f"--{k.replace('_', '-')}" for k in FORECAST_FLAGS if getattr(args, k) is not None]
+    if args.task != FORECAST:
+        if given or not args.relative:
+            flags = ", ".join(given or ["--no-relative"])
+            parser.error(f"{flags} apply to --task forecast only")
+        if args.data.startswith(SERIES_PREFIX):
+            parser.error(f"{args.data} is a series: use --task forecast --window W --horizon H")
+        return load_data(args.data, args.target, args.split, args.task)
+    if args.window is None or args.horizon is None:
+        parser.error("--task forecast needs --window W and --horizon H")
+    if args.split is not None:
+        parser.error("--split applies only to UCI folders")
+    return load_forecast(
+        args.data,
+        args.window,
+        args.horizon,
+        args.target,
+        args.test_steps,
+        args.relative,
+        args.time_column,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
@@ -318,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not NAME_PATTERN.match(name):
         parser.error(f"--name {name!r} must match {NAME_PATTERN.pattern}")
     try:
-        loaded = load_data(args.data, args.target, args.split, args.task)
+        loaded = _load(parser, args)
     except (DataError, OSError) as exc:
         parser.error(str(exc))
     train = loaded.train

@@ -17,6 +17,7 @@ import numpy as np
 
 from training import images
 from training.dataset import TASKS, DataError, Dataset, LoadedData
+from training.series import SERIES_PREFIX
 
 TOY_PREFIX = "toy:"
 
@@ -285,9 +286,11 @@ def load_data(
 
 def slug(spec: str, split: int | None = None) -> str:
     """A checkpoint name derived from a data spec: `toy:sine-gap` -> `sine-gap`,
-    `.../uci/yacht` with split 3 -> `yacht-split3`, `houses.csv` -> `houses`."""
-    if spec.startswith(TOY_PREFIX):
-        base = spec[len(TOY_PREFIX) :]
+    `series:co2` -> `co2`, `.../uci/yacht` with split 3 -> `yacht-split3`, `houses.csv` ->
+    `houses`."""
+    prefix = next((p for p in (TOY_PREFIX, SERIES_PREFIX) if spec.startswith(p)), None)
+    if prefix is not None:
+        base = spec[len(prefix) :]
     else:
         path = Path(spec)
         base = path.name if path.is_dir() else path.stem

@@ -25,6 +25,9 @@ class Dataset:
     feature_names: list[str]
     output_names: list[str]
     task: str
+    # a forecaster's windows (training.series): window, horizon, features, targets (feature
+    # indices) and relative (outputs are changes from the window's last target values)
+    forecast: dict | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -66,7 +69,14 @@ class Dataset:
 
     def subset(self, rows: np.ndarray | Sequence[int]) -> Dataset:
         rows = np.asarray(rows, dtype=np.int64)
-        return Dataset(self.x[rows], self.y[rows], self.feature_names, self.output_names, self.task)
+        return Dataset(
+            self.x[rows],
+            self.y[rows],
+            self.feature_names,
+            self.output_names,
+            self.task,
+            self.forecast,
+        )
 
 
 @dataclass

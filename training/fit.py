@@ -44,6 +44,12 @@ def standardization(data: Dataset) -> dict[str, list[float]]:
         return np.where(std > MIN_STD, std, 1.0)
 
     x = data.x.astype(np.float64)
+    y = data.y.astype(np.float64) if data.task == "regression" else None
+    relative = bool(data.forecast and data.forecast.get("relative"))
+    if relative:  # a relative forecaster's units: changes from each window's last step
+        levels = x[:, -1, data.forecast["targets"]]
+        y = y - np.tile(levels, (1, y.shape[1] // levels.shape[1]))
+        x = x - x[:, -1:, :]
     if x.ndim == 2:
         stats = {"x_mean": x.mean(axis=0).tolist(), "x_std": guarded_std(x).tolist()}
     else:  # per channel of an image [N, C, H, W], per feature of a sequence [N, T, F]
@@ -52,9 +58,10 @@ def standardization(data: Dataset) -> dict[str, list[float]]:
         mean = x.mean(axis=axes, keepdims=True)[0]
         std = np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True))[0]
         stats = {"x_mean": mean.tolist(), "x_std": np.where(std > MIN_STD, std, 1.0).tolist()}
-    if data.task == "regression":
-        y = data.y.astype(np.float64)
+    if y is not None:
         stats |= {"y_mean": y.mean(axis=0).tolist(), "y_std": guarded_std(y).tolist()}
+    if relative:
+        stats["level_features"] = list(data.forecast["targets"])
     return stats
 
 
@@ -161,9 +168,10 @@ def adam(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimiz
 
 def standardized(model: PosteriorModel, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of `data` in the model's standardized units."""
-    x = model.normalizer.inputs(torch.as_tensor(data.x, dtype=torch.float32))
+    raw = torch.as_tensor(data.x, dtype=torch.float32)
+    x = model.normalizer.inputs(raw)
     if data.task == "regression":
-        return x, model.normalizer.targets(torch.as_tensor(data.y, dtype=torch.float32))
+        return x, model.normalizer.targets(torch.as_tensor(data.y, dtype=torch.float32), raw)
     return x, torch.as_tensor(data.y, dtype=torch.int64)
 
 

@@ -35,25 +35,50 @@ from training.likelihoods import GaussianHead, build_head
 
 
 class Normalizer(nn.Module):
-    """Standardization with training statistics; stored in the manifest, not in the weights."""
+    """Standardization with training statistics; stored in the manifest, not in the weights.
+
+    A relative forecaster (stats["level_features"], training.series) sees each window
+    [B, T, F] as changes from its last step, and predicts each output as a change from the
+    last value of its target feature, which `gaussian_draws` adds back: a trending series'
+    inputs and outputs then stay in the range the network was trained on.
+    """
 
     def __init__(self, stats: dict):
         super().__init__()
         for key in ("x_mean", "x_std", "y_mean", "y_std"):
             if key in stats:
                 self.register_buffer(key, torch.tensor(stats[key]), persistent=False)
+        self.level_features: list[int] | None = stats.get("level_features")
         self.stats = stats
 
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.x_mean) / self.x_std
+    def relative_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Original-unit inputs, as changes from each window's last step when relative."""
+        return x if self.level_features is None else x - x[:, -1:, :]
 
-    def targets(self, y: torch.Tensor) -> torch.Tensor:
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, outputs]: the last observed value of each output's target feature."""
+        last = x[:, -1, self.level_features]
+        return last.repeat(1, self.y_mean.numel() // last.shape[-1])
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.relative_inputs(x) - self.x_mean) / self.x_std
+
+    def targets(self, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardized targets; a relative forecaster needs the rows' inputs `x`."""
+        if self.level_features is not None:
+            if x is None:
+                raise ValueError("a relative forecaster's targets need their input windows")
+            y = y - self.levels(x)
         return (y - self.y_mean) / self.y_std
 
-    def gaussian_draws(self, draws: torch.Tensor) -> torch.Tensor:
-        """Standardized [mean | variance] draws -> original units."""
+    def gaussian_draws(self, draws: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardized [mean | variance] draws -> original units (of the rows `x`)."""
         k = self.y_mean.numel()
         mean = draws[..., :k] * self.y_std + self.y_mean
+        if self.level_features is not None:
+            if x is None:
+                raise ValueError("a relative forecaster's draws need their input windows")
+            mean = mean + self.levels(x).to(mean.dtype)
         return torch.cat([mean, draws[..., k:] * self.y_std**2], dim=-1)
 
 
@@ -141,16 +166,16 @@ class PosteriorModel(nn.Module):
         sizes: Sequence[int] | None = None,
     ) -> torch.Tensor:
         if sizes is None:
-            return self._draws(self.batch_draws(x, n, seeds))
+            return self._draws(self.batch_draws(x, n, seeds), x)
         segments.check_sizes(sizes, x.shape[0])
-        return self._draws(self.request_draws(x, n, seeds, sizes))
+        return self._draws(self.request_draws(x, n, seeds, sizes), x)
 
-    def _draws(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw head outputs -> draws in original units."""
+    def _draws(self, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs -> draws in original units (`x`: the rows' inputs)."""
         # a body in 16 bits (MCDropoutMLP.to_precision) hands the head float32
         draws = self.head.per_draw(raw.to(torch.promote_types(raw.dtype, torch.float32)))
         if isinstance(self.head, GaussianHead):
-            return self.normalizer.gaussian_draws(draws)
+            return self.normalizer.gaussian_draws(draws, x)
         return draws
 
 

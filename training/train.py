@@ -1,10 +1,11 @@
 """Training as a library call: data in, fitted model + metrics + checkpoint manifest out.
 
 `train_model` is what `credence-train` runs, and what tests and benchmarks call directly
-(no subprocess): hold out a seeded validation split, standardize with the statistics of the
-rows the model is fit on, build the method's model, fit with early stopping, refit the noise
-and fit the post-hoc calibration on the validation rows, then evaluate on the validation rows
-(and on the test rows when the data has them) from posterior draws.
+(no subprocess): hold out a seeded validation split (a forecaster's latest windows, kept
+clear of the fitted ones: training.series), standardize with the statistics of the rows the
+model is fit on, build the method's model, fit with early stopping, refit the noise and fit
+the post-hoc calibration on the validation rows, then evaluate on the validation rows (and
+on the test rows when the data has them) from posterior draws.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from training.likelihoods import NOISE_KINDS
 from training.methods import get_method
 from training.metrics import metrics_from_draws, sample_draws, uncertainty_stats
 from training.model import PosteriorModel, draws_used
+from training.series import chronological_split
 
 DEFAULT_VAL_FRACTION = 0.2
 EVAL_SAMPLES = 100
@@ -137,7 +139,12 @@ def train_model(
     approximation = get_method(method, **(method_options or {}))
     approximation.check_spread(spread.world_size)
     architecture = arch_config(arch, train.input_shape, hidden, activation, **(arch_options or {}))
-    fit_rows, val_rows = holdout_split(len(train), val_fraction, options.seed)
+    if train.forecast is not None:  # windows in time order: validate on the latest
+        fit_rows, val_rows = chronological_split(
+            len(train), val_fraction, train.forecast["horizon"]
+        )
+    else:
+        fit_rows, val_rows = holdout_split(len(train), val_fraction, options.seed)
     fit_set = train.subset(fit_rows)
     val_set = train.subset(val_rows) if len(val_rows) else None
     stats = standardization(fit_set)
@@ -217,6 +224,7 @@ def build_manifest(
         "metrics": result.metrics,
         "uncertainty_stats": result.uncertainty_stats,
         "ood": result.ood,
+        **({"forecast": dict(data.forecast)} if data.forecast is not None else {}),
         "training": {
             **result.config,
             "epochs_run": result.fit.epochs_run,
