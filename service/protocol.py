@@ -227,6 +227,12 @@ def _explain(parameters: object, spec: ModelSpec, problems: list[Problem]) -> Ex
     """:explain's method, steps (integrated gradients only), quantity and outputs (names or
     indices of targets or classes; default all), each checked where it is."""
     values = parameters if isinstance(parameters, dict) else {}
+    if spec.manifest.get("forecast", {}).get("relative"):
+        message = (
+            "this model forecasts changes from each window's last value, which :explain does "
+            "not attribute; explain a forecaster trained with --no-relative"
+        )
+        problems.append(Problem("unsupported", message, ("instances",)))
     method = values.get("method", attributions.METHODS[0])
     if method not in attributions.METHODS:
         message = f"method must be one of {', '.join(attributions.METHODS)}, got {describe(method)}"

@@ -248,6 +248,10 @@ def test_a_forecaster_trains_through_the_cli_and_serves_windows(forecaster):
         short = {"instances": [windows[0, 1:].tolist()]}
         refused = client.post("/v1/models/trend:predict", json=short)
         assert refused.status_code == 422, refused.text
+        # its outputs add each window's last value, which attributions would not see
+        unexplained = client.post("/v1/models/trend:explain", json=body)
+        assert unexplained.status_code == 422, unexplained.text
+        assert "--no-relative" in unexplained.json()["error"]["message"]
 
 
 def test_forecast_metrics_are_on_the_held_out_tail(forecaster):

@@ -60,7 +60,7 @@ class Stacked(PosteriorModel):
     @torch.inference_mode()
     def block_draws(self, x: torch.Tensor, block: slice) -> torch.Tensor:
         """Draws [m, B, out] (original units) of the members in `block`."""
-        return self._draws(self.run_block(self.normalizer.inputs(x), block))
+        return self._draws(self.run_block(self.normalizer.inputs(x), block), x)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Every member on the same rows: [M, B, raw_features] (the loss sums members)."""
