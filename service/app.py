@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Scope
 
-from service import protocol, v2_routes
+from service import admin, protocol, v2_routes
 from service.auth import Keys, keys_of
 from service.batcher import Batcher, Columns, Render
 from service.cpus import available_cores
@@ -34,6 +34,7 @@ from service.errors import ApiError, Problem, error_body
 from service.gateway import FastRoute, Gateway, header, internal_error, native_error
 from service.metrics import Metrics
 from service.registry import FailedModel, LoadedModel, ModelEntry, ModelSpec, Registry, arch_of
+from service.reload import ModelManager, describe_version
 from service.schemas import document
 from service.settings import Settings, resolve_device
 from training.summaries import Summary
@@ -68,14 +69,17 @@ def model_summary(entry: ModelEntry) -> dict:
         "ready": entry.default_version is not None,  # KServe V1's model-ready field
         "default_version": entry.default_version,
         "state": entry.state,
-        "versions": [version_state(m) for m in entry.versions.values()],
+        "versions": [version_state(m, entry.refused.get(v)) for v, m in entry.versions.items()],
     }
 
 
-def version_state(model: LoadedModel | FailedModel) -> dict:
+def version_state(model: LoadedModel | FailedModel, refused: str | None = None) -> dict:
+    """One version's state; `refused`: why a rewrite of its files was refused (it keeps
+    serving what it loaded before)."""
     if isinstance(model, FailedModel):
         return {"version": model.version, "state": "failed", "error": model.error}
     manifest = model.spec.manifest
+    extra = {"reload_error": refused} if refused else {}
     return {
         "version": model.spec.version,
         "state": "loaded",
@@ -84,24 +88,14 @@ def version_state(model: LoadedModel | FailedModel) -> dict:
         "cuda_graphs": isinstance(model.model, GraphedSampler),
         "created_at": manifest.get("created_at"),
         "metrics": manifest.get("metrics"),
+        **extra,
     }
 
 
 def describe(metrics: Metrics, registry: Registry, settings: Settings) -> None:
     """Each loaded version's info and OOD baseline, for dashboards and alert rules."""
     for loaded in registry.loaded():
-        spec = loaded.spec
-        labels = (spec.name, str(spec.version))
-        metrics.model_info.labels(
-            *labels,
-            spec.method,
-            arch_of(spec),
-            settings.backend,
-            str(loaded.device),
-            loaded.precision,
-        ).set(1)
-        if spec.ood is not None:
-            metrics.ood_reference_fpr.labels(*labels).set(spec.ood.fpr)
+        describe_version(metrics, loaded, settings.backend)
 
 
 def model_detail(entry: ModelEntry) -> dict:
@@ -234,10 +228,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("device %s; loading models from %s", device, settings.model_dir.resolve())
         registry = await asyncio.to_thread(Registry.load, settings.model_dir, device, settings)
         torch.set_num_threads(settings.torch_threads or 1)  # the workers are the parallelism
-        batchers = {
-            m.key: Batcher(m, settings, metrics, batch_workers(m, settings))
-            for m in registry.loaded()
-        }
+
+        def new_batcher(model: LoadedModel) -> Batcher:
+            return Batcher(model, settings, metrics, batch_workers(model, settings))
+
+        batchers = {m.key: new_batcher(m) for m in registry.loaded()}
         for batcher in batchers.values():
             batcher.start()
         await asyncio.gather(*(batcher.ready() for batcher in batchers.values()))
@@ -251,7 +246,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             len(registry.failed()),
             "".join(f"\n  {m.name} v{m.version}: {m.error}" for m in registry.failed()),
         )
-        app.state.registry, app.state.batchers = registry, batchers
+        models = ModelManager(registry, batchers, settings, metrics, device, new_batcher)
+        app.state.registry, app.state.batchers, app.state.models = registry, batchers, models
+        models.start_polling()
         collector_thresholds = gc.get_threshold()
         quiet_garbage_collector()
         try:
@@ -259,6 +256,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             gc.unfreeze()
             gc.set_threshold(*collector_thresholds)
+            await models.close()
             await asyncio.gather(*(b.stop() for b in batchers.values()))
 
     app = App(
@@ -326,6 +324,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(orjson.dumps(model_detail(entry)))
 
     app.include_router(v2_routes.router)
+    app.include_router(admin.router)
     app.max_body_bytes = settings.max_body_bytes
     app.keys = keys_of(settings)
     app.fast_routes = [

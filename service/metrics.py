@@ -162,6 +162,14 @@ class Metrics:
             [*MODEL, "method", "architecture", "backend", "device", "precision"],
             registry=r,
         )
+        self.reloads = Counter(
+            "credence_model_reloads",
+            "Versions swapped in (loaded), refused (a corrupt, truncated or mismatched "
+            "checkpoint: what served before keeps serving) or unloaded, by reloads, loads, "
+            "unloads and the model directory's poll.",
+            ["model", "outcome"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.model_versions = Gauge(
             "credence_model_versions",
@@ -178,7 +186,7 @@ class Metrics:
                 self.requests.labels(model, version, str(code)),
                 self.latency.labels(model, version),
             )
-            self._request_children[model, version, code] = children
+        self._request_children[model, version, code] = children
         children[0].inc()
         children[1].observe(seconds)
 

@@ -26,7 +26,7 @@ from service.registry import LoadedModel, ModelSpec, Registry
 from service.settings import Settings
 
 SERVER_NAME = "credence"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 INFER_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?P<verb>infer)"
 )
