@@ -22,6 +22,7 @@ from service import v2
 from service.errors import ApiError
 from service.reload import ModelManager
 from service.repository import check_version
+from service.route_docs import answers
 
 router = APIRouter()
 
@@ -99,11 +100,7 @@ async def native_reload(request: Request, name: str, version: int | None) -> Res
 
 RELOAD_DOC = {
     "summary": "Load new and changed versions, check them fully, then swap them in",
-    "response_model": ReloadAnswer,
-    "responses": {
-        **{s: {"description": "a refusal that says why"} for s in (400, 401, 403, 404)},
-        422: {"description": "a version was refused (corrupt, truncated, hash mismatch)"},
-    },
+    "responses": answers(ReloadAnswer, (400, 403, 404, 422)),
 }
 
 
@@ -133,18 +130,18 @@ def v2_error(error: ApiError) -> Response:
     return Response(body, status_code=status, media_type="application/json", headers=dict(headers))
 
 
-V2_ERRORS = {s: {"description": "a refusal that says why"} for s in (400, 401, 403, 404)}
+INDEX = answers(list[IndexEntry], (400,), v2=True)
+CHANGE = answers(None, (400, 403, 404), v2=True)
 
 
-@router.get("/v2/repository/index", response_model=list[IndexEntry], responses=V2_ERRORS)
+@router.get("/v2/repository/index", responses=INDEX)
 async def repository_index_get(request: Request) -> Response:
     return json_reply(request.app.state.models.index())
 
 
 @router.post(
     "/v2/repository/index",
-    response_model=list[IndexEntry],
-    responses=V2_ERRORS,
+    responses=INDEX,
     openapi_extra={"requestBody": json_body(IndexBody)},
 )
 async def repository_index(request: Request) -> Response:
@@ -157,7 +154,8 @@ async def repository_index(request: Request) -> Response:
 
 @router.post(
     "/v2/repository/models/{name}/load",
-    responses={200: {"description": "loaded (an empty body, as Triton answers)"}, **V2_ERRORS},
+    response_class=Response,
+    responses=CHANGE,
     openapi_extra={"requestBody": json_body(LoadBody)},
 )
 async def repository_load(request: Request, name: str) -> Response:
@@ -183,7 +181,8 @@ async def repository_load(request: Request, name: str) -> Response:
 
 @router.post(
     "/v2/repository/models/{name}/unload",
-    responses={200: {"description": "unloaded (an empty body, as Triton answers)"}, **V2_ERRORS},
+    response_class=Response,
+    responses=CHANGE,
     openapi_extra={"requestBody": json_body(LoadBody)},
 )
 async def repository_unload(request: Request, name: str) -> Response:

@@ -19,7 +19,7 @@ import orjson
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Scope
 
@@ -35,6 +35,7 @@ from service.gateway import FastRoute, Gateway, header, internal_error, native_e
 from service.metrics import Metrics
 from service.registry import FailedModel, LoadedModel, ModelEntry, ModelSpec, Registry, arch_of
 from service.reload import ModelManager, describe_version
+from service.route_docs import Health, ModelDetail, Models, Readiness, answers
 from service.schemas import document
 from service.settings import Settings, resolve_device
 from training.summaries import Summary
@@ -293,11 +294,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ] or [Problem("invalid_request", "invalid request")]
         return json_response(error_body(problems), 422)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=answers(Health))
     async def healthz() -> Response:
         return json_response(b'{"status":"ok"}')
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        responses=answers(Readiness, more={503: {"model": Readiness, "description": "no model"}}),
+    )
     async def readyz(request: Request) -> Response:
         registry: Registry | None = getattr(request.app.state, "registry", None)
         loaded = registry.loaded() if registry else []
@@ -308,17 +312,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
         return json_response(orjson.dumps(body), 200 if loaded else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=answers(None))
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=answers(Models))
     async def list_models(request: Request) -> Response:
         registry: Registry = request.app.state.registry
         body = {"models": [model_summary(e) for e in registry.entries.values()]}
         return json_response(orjson.dumps(body))
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses=answers(ModelDetail, (404,)))
     async def get_model(request: Request, name: str) -> Response:
         entry = request.app.state.registry.entry(name)
         return json_response(orjson.dumps(model_detail(entry)))
