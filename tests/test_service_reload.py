@@ -329,3 +329,18 @@ def test_symlinks_out_of_the_model_directory_are_refused(models: Path, tmp_path:
         assert "outside the model directory" in states[version]["error"]
     assert folder.status_code == 400 and "outside the model directory" in folder.text
     assert versions.status_code == 422 and "outside the model directory" in versions.text
+
+
+def test_a_version_computed_in_worker_processes_is_swapped_and_its_workers_exit(models: Path):
+    with serve(make_settings(models, admin_without_keys=True, batch_workers=1)) as live:
+        process = live.app.state.batchers["reg", 1].processes[0]._process
+        assert live.post(PREDICT, json=BODY).json()["model_version"] == 1
+        new_version(models, 1)
+        shutil.rmtree(models / "reg" / "1")
+        reload = live.post("/v1/models/reg:reload")
+        answer = live.post(PREDICT, json=BODY)
+        wait_until(lambda: not process.is_alive())
+        new = live.app.state.batchers["reg", 2].processes[0].pid
+    assert reload.json()["loaded"] == [2] and reload.json()["unloaded"] == [1]
+    assert answer.status_code == 200 and answer.json()["model_version"] == 2
+    assert new is not None and new != process.pid
