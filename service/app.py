@@ -19,11 +19,11 @@ import orjson
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Scope
 
-from service import explain, protocol, v2_routes
+from service import admin, explain, protocol, v2_routes
 from service.auth import Keys, keys_of
 from service.batcher import Batcher, Columns, Render
 from service.cpus import available_cores
@@ -34,6 +34,8 @@ from service.errors import ApiError, Problem, error_body
 from service.gateway import FastRoute, Gateway, header, internal_error, native_error
 from service.metrics import Metrics
 from service.registry import FailedModel, LoadedModel, ModelEntry, ModelSpec, Registry, arch_of
+from service.reload import ModelManager, describe_version
+from service.route_docs import Health, ModelDetail, Models, Readiness, answers
 from service.schemas import document
 from service.settings import Settings, resolve_device
 from training.summaries import Summary
@@ -68,14 +70,17 @@ def model_summary(entry: ModelEntry) -> dict:
         "ready": entry.default_version is not None,  # KServe V1's model-ready field
         "default_version": entry.default_version,
         "state": entry.state,
-        "versions": [version_state(m) for m in entry.versions.values()],
+        "versions": [version_state(m, entry.refused.get(v)) for v, m in entry.versions.items()],
     }
 
 
-def version_state(model: LoadedModel | FailedModel) -> dict:
+def version_state(model: LoadedModel | FailedModel, refused: str | None = None) -> dict:
+    """One version's state; `refused`: why a rewrite of its files was refused (it keeps
+    serving what it loaded before)."""
     if isinstance(model, FailedModel):
         return {"version": model.version, "state": "failed", "error": model.error}
     manifest = model.spec.manifest
+    extra = {"reload_error": refused} if refused else {}
     return {
         "version": model.spec.version,
         "state": "loaded",
@@ -84,6 +89,7 @@ def version_state(model: LoadedModel | FailedModel) -> dict:
         "cuda_graphs": isinstance(model.model, GraphedSampler),
         "created_at": manifest.get("created_at"),
         "metrics": manifest.get("metrics"),
+        **extra,
     }
 
 
@@ -93,18 +99,7 @@ def describe(metrics: Metrics, registry: Registry, settings: Settings) -> None:
     for failed in registry.failed():
         metrics.load_failures.labels(failed.name, str(failed.version)).inc()
     for loaded in registry.loaded():
-        spec = loaded.spec
-        labels = (spec.name, str(spec.version))
-        metrics.model_info.labels(
-            *labels,
-            spec.method,
-            arch_of(spec),
-            settings.backend,
-            str(loaded.device),
-            loaded.precision,
-        ).set(1)
-        if spec.ood is not None:
-            metrics.ood_reference_fpr.labels(*labels).set(spec.ood.fpr)
+        describe_version(metrics, loaded, settings.backend)
 
 
 def model_detail(entry: ModelEntry) -> dict:
@@ -245,10 +240,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("device %s; loading models from %s", device, settings.model_dir.resolve())
         registry = await asyncio.to_thread(Registry.load, settings.model_dir, device, settings)
         torch.set_num_threads(settings.torch_threads or 1)  # the workers are the parallelism
-        batchers = {
-            m.key: Batcher(m, settings, metrics, batch_workers(m, settings))
-            for m in registry.loaded()
-        }
+
+        def new_batcher(model: LoadedModel) -> Batcher:
+            return Batcher(model, settings, metrics, batch_workers(model, settings))
+
+        batchers = {m.key: new_batcher(m) for m in registry.loaded()}
         for batcher in batchers.values():
             batcher.start()
         await asyncio.gather(*(batcher.ready() for batcher in batchers.values()))
@@ -262,7 +258,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             len(registry.failed()),
             "".join(f"\n  {m.name} v{m.version}: {m.error}" for m in registry.failed()),
         )
-        app.state.registry, app.state.batchers = registry, batchers
+        models = ModelManager(registry, batchers, settings, metrics, device, new_batcher)
+        app.state.registry, app.state.batchers, app.state.models = registry, batchers, models
+        models.start_polling()
         collector_thresholds = gc.get_threshold()
         quiet_garbage_collector()
         try:
@@ -270,6 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             gc.unfreeze()
             gc.set_threshold(*collector_thresholds)
+            await models.close()
             await asyncio.gather(*(b.stop() for b in batchers.values()))
 
     app = App(
@@ -306,11 +305,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ] or [Problem("invalid_request", "invalid request")]
         return json_response(error_body(problems), 422)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=answers(Health))
     async def healthz() -> Response:
         return json_response(b'{"status":"ok"}')
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        responses=answers(Readiness, more={503: {"model": Readiness, "description": "no model"}}),
+    )
     async def readyz(request: Request) -> Response:
         registry: Registry | None = getattr(request.app.state, "registry", None)
         loaded = registry.loaded() if registry else []
@@ -321,22 +323,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
         return json_response(orjson.dumps(body), 200 if loaded else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=answers(None))
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=answers(Models))
     async def list_models(request: Request) -> Response:
         registry: Registry = request.app.state.registry
         body = {"models": [model_summary(e) for e in registry.entries.values()]}
         return json_response(orjson.dumps(body))
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses=answers(ModelDetail, (404,)))
     async def get_model(request: Request, name: str) -> Response:
         entry = request.app.state.registry.entry(name)
         return json_response(orjson.dumps(model_detail(entry)))
 
     app.include_router(v2_routes.router)
+    app.include_router(admin.router)
     app.max_body_bytes = settings.max_body_bytes
     app.keys = keys_of(settings)
     app.fast_routes = [

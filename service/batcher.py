@@ -84,7 +84,8 @@ class Batcher:
         self.delay_s = settings.max_batch_delay_ms / 1000
         self.timeout_s = settings.request_timeout_s
         self.batch_invariant = settings.batch_invariant
-        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.max_queue)
+        self.max_queue = settings.max_queue
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()  # bounded by `depth`, in submit
         self.labels = (loaded.spec.name, str(loaded.spec.version))
         # labelled once: labels() takes a lock and validates on every call
         self.depth_gauge = metrics.queue_depth.labels(*self.labels)
@@ -111,6 +112,9 @@ class Batcher:
         self.processes = [WorkerProcess(loaded, settings, f"{name}-{i}") for i in range(workers)]
         # the free workers; None stands for the event loop's thread
         self._idle: asyncio.Queue[WorkerProcess | None] = asyncio.Queue()
+        self._pending = 0  # submitted and not yet answered
+        self._drained: asyncio.Event | None = None  # set by retire: wake it at 0 pending
+        self.closed = False
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -126,15 +130,34 @@ class Batcher:
         self._task = loop.create_task(self._run(), name=self.labels[0])
         self._expiry = loop.create_task(self._expire(), name=f"{self.labels[0]} deadlines")
 
-    async def ready(self) -> None:
-        """Wait for the worker processes to load the model (they start in parallel). One
-        that cannot is logged; it tries again on its first batch, which fails if it fails."""
+    async def ready(self) -> list[str]:
+        """Wait for the worker processes to load the model (they start in parallel), and
+        say why each one that could not did not. One that cannot is logged; it tries again
+        on its first batch, which fails if it fails."""
         outcomes = await asyncio.gather(
             *(process.ready() for process in self.processes), return_exceptions=True
         )
+        errors = []
         for process, outcome in zip(self.processes, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error("%s could not start: %s", process.name, outcome)
+                errors.append(f"{process.name}: {outcome}")
+        return errors
+
+    async def retire(self, grace_s: float) -> None:
+        """Take no more requests, let every queued and in-flight one finish on this version
+        (each within its own deadline, `grace_s` at most in all), then stop and free the
+        model's memory: the worker processes exit, and a model computed on the loop moves
+        to the meta device, whoever still holds a reference to it."""
+        self.closed = True
+        if self._pending:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self._drained.wait()
+        await self.stop()
+        if not self.processes:  # with processes the server's copy was released at start
+            release_weights(self.loaded.model)
 
     async def stop(self) -> None:
         for task in [self._task, self._expiry, *self._running]:
@@ -180,18 +203,18 @@ class Batcher:
         timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         now = loop.time()
         deadline = now + timeout
-        future = loop.create_future()
-        job = Job(x, num_samples, levels, seed, render, columns, deadline, now, future, explain)
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
+        if self.depth >= self.max_queue or self.closed:
+            why = "is being replaced" if self.closed else f"is full ({self.max_queue} requests)"
             raise ApiError.single(
                 503,
                 "overloaded",
-                f"the queue of {self.labels[0]!r} v{self.labels[1]} is full "
-                f"({self.queue.maxsize} requests); retry after {RETRY_AFTER_S} s",
+                f"the queue of {self.labels[0]!r} v{self.labels[1]} {why}; "
+                f"retry after {RETRY_AFTER_S} s",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
+            )
+        future = loop.create_future()
+        job = Job(x, num_samples, levels, seed, render, columns, deadline, now, future, explain)
+        self.queue.put_nowait(job)
         self._by_deadline.append(job)
         if timeout < self.timeout_s:  # out of the queue's deadline order: a timer of its own
             loop.call_at(deadline, self._expire_one, job, timeout)
@@ -199,7 +222,13 @@ class Batcher:
         # _expire fails the future at the deadline (a batch skips the futures that are done);
         # a batch computed on the loop cannot be interrupted, so an answer that comes after
         # the deadline is refused the same way
-        payload = await job.future
+        self._pending += 1
+        try:
+            payload = await job.future
+        finally:
+            self._pending -= 1
+            if self._drained is not None and not self._pending:
+                self._drained.set()
         if loop.time() > deadline:
             raise self._deadline_exceeded(timeout)
         return payload

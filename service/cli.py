@@ -43,6 +43,8 @@ FLAGS = {  # flag -> (type, help); each sets the Settings field of the same name
     "batch_invariant": (str, "true: a seeded request gets the same bits in any batch (slower)"),
     "api_keys": (str, "comma-separated API keys (better: CREDENCE_API_KEYS, not argv)"),
     "api_keys_file": (str, "file of API keys' sha256 hex digests, one per line"),
+    "admin_without_keys": (str, "true: reload, load and unload work with no API keys set"),
+    "model_poll_s": (float, "seconds between scans of model_dir for changed versions (0: off)"),
     "auth_health": (str, "true: health and readiness need a key too"),
     "auth_metrics": (str, "true: /metrics needs a key too"),
     "log_level": (str, "critical, error, warning, info or debug"),

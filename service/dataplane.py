@@ -85,12 +85,18 @@ def predict_handler(
         try:
             registry: Registry = app.state.registry
             labels[0] = name if name in registry.entries else "(unknown)"
-            loaded = registry.resolve(name, version)
+            loaded = registry.resolve(name, version)  # a 404 or 503 needs no body
             labels[1] = str(loaded.spec.version)
             body = await read_body(receive)
             if body is None:  # the client is gone: nothing to answer
                 status, reason = 499, "client_gone"
                 return
+            # Resolved again, and from here to the submit nothing awaits: a reload
+            # (service.reload) swaps the registry and the batchers between two requests,
+            # never inside one, so the request is queued on the version it resolved and
+            # finishes there.
+            loaded = registry.resolve(name, version)
+            labels[1] = str(loaded.spec.version)
             req, renderer, columns = decode(body, verb, scope, loaded.spec)
             seed = req.seed if req.seed is not None else UNSEEDED.getrandbits(63)
             batcher: Batcher = app.state.batchers[loaded.key]

@@ -239,6 +239,14 @@ class Metrics:
             [*MODEL, "method", "architecture", "backend", "device", "precision"],
             registry=r,
         )
+        self.reloads = Counter(
+            "credence_model_reloads",
+            "Versions swapped in (loaded), refused (a corrupt, truncated or mismatched "
+            "checkpoint: what served before keeps serving) or unloaded, by reloads, loads, "
+            "unloads and the model directory's poll.",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.model_versions = Gauge(
             "credence_model_versions",
             "Model versions found, by load state.",

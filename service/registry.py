@@ -1,4 +1,5 @@
-"""Every checkpoint under MODEL_DIR/<name>/<version>, loaded once at startup.
+"""Every checkpoint under MODEL_DIR/<name>/<version>, loaded at startup and again when a
+model is reloaded (service.reload).
 
 A version that cannot be served (bad hash, malformed manifest, weights that do not fit,
 a model whose output disagrees with its manifest) is kept with its error message so that
@@ -21,16 +22,11 @@ import torch
 from service.cuda_graphs import GraphedSampler
 from service.errors import ApiError
 from service.onnx_backend import load_onnx
+from service.repository import OutsideModelDir, Repository
 from service.settings import Settings
 from training.architectures import arch_name
 from training.calibration import Calibration, CalibrationError, parse_calibration
-from training.checkpoint import (
-    NAME_PATTERN,
-    CheckpointError,
-    list_versions,
-    read_checkpoint,
-    request_cap,
-)
+from training.checkpoint import CheckpointError, read_checkpoint, request_cap
 from training.fit import is_small
 from training.model import PosteriorModel, draws_used
 from training.ood import OodReference
@@ -195,6 +191,9 @@ class FailedModel:
 class ModelEntry:
     name: str
     versions: dict[int, LoadedModel | FailedModel] = field(default_factory=dict)
+    # versions whose files changed on disk and could not be loaded again, with why: the
+    # version loaded before keeps serving
+    refused: dict[int, str] = field(default_factory=dict)
 
     @property
     def default_version(self) -> int | None:
@@ -241,6 +240,25 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
     return LoadedModel(spec, model, device, path, small, precision, module)
 
 
+def load_checked(
+    repository: Repository, path: Path, device: torch.device, settings: Settings
+) -> LoadedModel | FailedModel:
+    """One version loaded and test-run (hashes, manifest, a forward pass), or the reason it
+    cannot be served: a bug in one checkpoint must not stop the others."""
+    name, version = path.parent.name, int(path.name)
+    try:
+        repository.check(path)
+        loaded = load_version(path, device, settings)
+    except (CheckpointError, OutsideModelDir) as exc:
+        log.error("refused %s v%d: %s", name, version, exc)
+        return FailedModel(name, version, path, str(exc))
+    except Exception as exc:
+        log.exception("failed to load %s v%d", name, version)
+        return FailedModel(name, version, path, f"{path}: {type(exc).__name__}: {exc}")
+    log.info("loaded %s v%d on %s", name, version, device)
+    return loaded
+
+
 def arch_of(spec: ModelSpec) -> str:
     return arch_name((spec.manifest.get("model") or {}).get("arch") or {})
 
@@ -269,29 +287,26 @@ class Registry:
 
     @classmethod
     def load(cls, model_dir: Path, device: torch.device, settings: Settings) -> Registry:
+        repository = Repository(model_dir)
         entries: dict[str, ModelEntry] = {}
         if not model_dir.is_dir():
             log.error("model directory %s does not exist; serving no models", model_dir)
             return cls(entries)
-        for folder in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-            versions = list_versions(folder)
-            if not versions or not NAME_PATTERN.match(folder.name):
-                log.info("skipping %s: not a model folder", folder)
-                continue
-            entry = entries[folder.name] = ModelEntry(folder.name)
-            for version in versions:
-                path = folder / str(version)
-                try:
-                    entry.versions[version] = load_version(path, device, settings)
-                    log.info("loaded %s v%d on %s", folder.name, version, device)
-                except CheckpointError as exc:
-                    entry.versions[version] = FailedModel(folder.name, version, path, str(exc))
-                    log.error("refused %s v%d: %s", folder.name, version, exc)
-                except Exception as exc:  # a bug in one checkpoint must not stop the others
-                    message = f"{path}: {type(exc).__name__}: {exc}"
-                    entry.versions[version] = FailedModel(folder.name, version, path, message)
-                    log.exception("failed to load %s v%d", folder.name, version)
+        for name in repository.names():
+            entry = entries[name] = ModelEntry(name)
+            for version, path in repository.versions(name).items():
+                entry.versions[version] = load_checked(repository, path, device, settings)
         return cls(entries)
+
+    def put(self, entry: ModelEntry) -> None:
+        """Serve `entry` in place of the model's entry (if any): one assignment, so a
+        request sees the old entry or the new one, never a mix."""
+        self.entries = dict(sorted({**self.entries, entry.name: entry}.items()))
+
+    def drop(self, name: str) -> ModelEntry | None:
+        entry = self.entries.get(name)
+        self.entries = {k: v for k, v in self.entries.items() if k != name}
+        return entry
 
     def loaded(self) -> list[LoadedModel]:
         return [m for e in self.entries.values() for m in e.versions.values() if _is_loaded(m)]

@@ -85,6 +85,19 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="a file of API keys' sha256 hex digests, one per line"
     )
+    admin_without_keys: bool = Field(
+        False,
+        description="the admin routes (POST /v1/models/{name}:reload, "
+        "/v2/repository/models/{name}/load and /unload) answer without API keys configured: "
+        "anyone who reaches the port can swap models. With keys set they always need a key; "
+        "without keys and without this they are 403",
+    )
+    model_poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="seconds between scans of model_dir: a new or rewritten version is "
+        "loaded, checked and swapped in, a removed one unloaded (0: never; reload by hand)",
+    )
     auth_health: bool = Field(False, description="health and readiness need a key too")
     auth_metrics: bool = Field(False, description="/metrics needs a key too")
     log_level: LogLevel = "info"

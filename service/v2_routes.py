@@ -23,12 +23,19 @@ from service.gateway import FastRoute
 from service.metrics import Metrics
 from service.protocol import PredictRequest
 from service.registry import LoadedModel, ModelSpec, Registry
+from service.route_docs import Live, ModelMetadata, ModelReady, Ready, ServerMetadata, answers
 from service.settings import Settings
 
 SERVER_NAME = "credence"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 INFER_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?P<verb>infer)"
+)
+
+NOT_READY = {"model": Ready, "description": "not ready"}
+METADATA = answers(ModelMetadata, (404, 503), v2=True)
+READINESS = answers(
+    ModelReady, (404,), v2=True, more={400: {"model": ModelReady, "description": "not ready"}}
 )
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
@@ -47,18 +54,18 @@ def registry_of(request: Request) -> Registry:
     return request.app.state.registry
 
 
-@router.get("")
+@router.get("", responses=answers(ServerMetadata, v2=True))
 async def server_metadata(request: Request) -> Response:
     version = request.app.version  # the app's, as its OpenAPI schema states it
     return reply({"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS})
 
 
-@router.get("/health/live")
+@router.get("/health/live", responses=answers(Live, v2=True))
 async def live() -> Response:
     return reply({"live": True})
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses=answers(Ready, v2=True, more={400: NOT_READY}))
 async def ready(request: Request) -> Response:
     registry: Registry | None = getattr(request.app.state, "registry", None)
     loaded = bool(registry and registry.loaded())
@@ -87,22 +94,22 @@ def readiness(request: Request, name: str, version: str | None) -> Response:
     return reply({"name": name, "ready": True})
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=METADATA)
 async def model_metadata(request: Request, name: str) -> Response:
     return metadata(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", responses=METADATA)
 async def version_metadata(request: Request, name: str, version: str) -> Response:
     return metadata(request, name, version)
 
 
-@router.get("/models/{name}/ready")
+@router.get("/models/{name}/ready", responses=READINESS)
 async def model_ready(request: Request, name: str) -> Response:
     return readiness(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}/ready", responses=READINESS)
 async def version_ready(request: Request, name: str, version: str) -> Response:
     return readiness(request, name, version)
 

@@ -182,8 +182,15 @@ def free_port() -> int:
 def listening(settings: Settings) -> Iterator[str]:
     """The app on a real uvicorn server, 127.0.0.1 and a free port, in a thread: for clients
     that need a socket (tritonclient, raw HTTP). Yields "127.0.0.1:PORT"."""
+    with listening_app(create_app(settings)) as address:
+        yield address
+
+
+@contextmanager
+def listening_app(app: FastAPI) -> Iterator[str]:
+    """`listening` for an app the test holds on to (to look at its state)."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

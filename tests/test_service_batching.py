@@ -428,3 +428,46 @@ def test_available_cores_follow_the_container_cpu_limit(
     monkeypatch.setattr(cpus, "CPU_LIMIT_FILES", limits)
     monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(64)))
     assert available_cores() == (limit or 64)
+
+
+def test_overload_is_refused_at_once_and_the_queue_never_passes_its_bound(model_dir: Path):
+    """Twenty requests at once on a queue of three behind a slow batch: the ones that do not
+    fit get their 503 before any prediction is computed, and at no loop turn does the
+    queue hold more than three."""
+    settings = make_settings(model_dir, max_queue=3, max_batch_rows=1, max_batch_delay_ms=0)
+    with serve(settings) as live:
+        slow_down(live, "reg", 0.2)
+        batcher = live.app.state.batchers["reg", 1]
+        depths: list[int] = []
+
+        async def timed() -> tuple[int, float, str | None]:
+            started = time.perf_counter()
+            response = await live.client.post(REG, json={"instances": [[0.0, 0.0, 0.0]]})
+            return (
+                response.status_code,
+                time.perf_counter() - started,
+                response.headers.get("retry-after"),
+            )
+
+        async def scenario() -> list[tuple[int, float, str | None]]:
+            done = False
+
+            async def watch() -> None:
+                while not done:
+                    depths.append(batcher.depth)
+                    await asyncio.sleep(0)
+
+            watcher = asyncio.ensure_future(watch())
+            answers = await asyncio.gather(*(timed() for _ in range(20)))
+            done = True
+            await watcher
+            return answers
+
+        answers = live.portal.call(scenario)
+    served = [seconds for status, seconds, _ in answers if status == 200]
+    refused = [(seconds, retry) for status, seconds, retry in answers if status == 503]
+    assert len(served) + len(refused) == 20
+    assert 1 <= len(served) <= 1 + settings.max_queue  # the batch being computed, the queue
+    assert max(depths) <= settings.max_queue and len(depths) > 4
+    assert all(retry == "1" for _, retry in refused)
+    assert max(seconds for seconds, _ in refused) < min(served)  # no wait for the model
