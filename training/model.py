@@ -148,7 +148,7 @@ class PosteriorModel(nn.Module):
         """`raw_draws_at` in original output units (as `sample` gives them), with autograd
         on: standardized inputs [n, B, *input_shape] -> draws [n, B, *out]. Not for a
         relative forecaster, whose outputs add the level of inputs it is not given."""
-        return self._draws(self.raw_draws_at(z, seeds), None)
+        return self._draws(self.raw_draws_at(z, seeds))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Training pass on standardized inputs: one stochastic draw per row."""
@@ -171,7 +171,7 @@ class PosteriorModel(nn.Module):
         segments.check_sizes(sizes, x.shape[0])
         return self._draws(self.request_draws(x, n, seeds, sizes), x)
 
-    def _draws(self, raw: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    def _draws(self, raw: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Raw head outputs -> draws in original units (`x`: the rows' inputs)."""
         # a body in 16 bits (MCDropoutMLP.to_precision) hands the head float32
         draws = self.head.per_draw(raw.to(torch.promote_types(raw.dtype, torch.float32)))
