@@ -169,6 +169,9 @@ class Batcher:
         pending = [self._carry] if self._carry else []
         while not self.queue.empty():
             pending.append(self.queue.get_nowait())
+        # and those a cancelled collection had taken from the queue: nothing else would
+        # answer them once the deadline task has stopped
+        pending += self._by_deadline
         for job in pending:
             if not job.future.done():
                 job.future.set_exception(shutting)

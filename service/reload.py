@@ -181,9 +181,12 @@ class ModelManager:
                 versions = {**{v: m for v, m in old.items() if v != only}, **versions}
             else:
                 outcome.unloaded = [v for v in old if v not in on_disk]
-            kept = {v: why for v, why in refused_before.items() if v in outcome.unchanged}
-            if only is not None:
-                kept = {v: why for v, why in refused_before.items() if v != only}
+            # a refusal stands while the refused files do (unchanged) or was not looked at
+            kept = {
+                v: why
+                for v, why in refused_before.items()
+                if v in outcome.unchanged or (only is not None and v != only)
+            }
             entry = ModelEntry(name, dict(sorted(versions.items())), {**kept, **refused_now})
             self._swap(name, entry if entry.versions else None, old, started)
             for version in outcome.loaded:

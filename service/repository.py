@@ -21,6 +21,7 @@ from training.checkpoint import NAME_PATTERN
 log = logging.getLogger("credence.repository")
 
 VERSION_PATTERN = re.compile(r"[0-9]{1,18}")
+REPORTED: set[str] = set()  # model folders already logged as leading out of MODEL_DIR
 
 
 class OutsideModelDir(Exception):
@@ -72,7 +73,7 @@ class Repository:
         found = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
             if not NAME_PATTERN.match(folder.name):
-                log.info("skipping %s: not a model name", folder)
+                log.debug("skipping %s: not a model name", folder)
             elif self.versions(folder.name):
                 found.append(folder.name)
         return found
@@ -89,7 +90,9 @@ class Repository:
         try:
             folder = self.folder(name)
         except OutsideModelDir as exc:
-            log.error("refused model %s: %s", name, exc)
+            if name not in REPORTED:  # once, not at every poll of the directory
+                REPORTED.add(name)
+                log.error("refused model %s: %s", name, exc)
             return {}
         if not folder.is_dir():
             return {}

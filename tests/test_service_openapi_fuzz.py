@@ -49,6 +49,7 @@ def server(model_dir: Path) -> Iterator[str]:
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,
+    database=None,
 )
 def test_every_route_answers_as_its_schema_says(server: str, case: schemathesis.Case) -> None:
     case.call_and_validate(base_url=server, checks=CHECKS)

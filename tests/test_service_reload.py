@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from conftest import (
     listening,
     listening_app,
@@ -161,31 +160,27 @@ def test_hot_reload_under_load_serves_every_request_and_refuses_bad_checkpoints(
 
 
 def test_requests_queued_on_a_version_finish_on_it_when_it_is_replaced(models: Path) -> None:
-    """A reload that removes v1 while its requests wait for a slow batch: they are answered
-    by v1, and v1 stops only after them."""
-    with serve(make_settings(models, admin_without_keys=True, max_batch_rows=1)) as live:
-        loaded = live.app.state.registry.resolve("reg")
-        real = loaded.model.sample
-
-        def slow(*args: object, **kwargs: object) -> torch.Tensor:
-            time.sleep(0.3)
-            return real(*args, **kwargs)
-
-        loaded.model.sample = slow
+    """A reload that removes v1 while six requests wait for v1's batch to close (a long
+    batch delay): they are answered by v1, and v1 stops only after them."""
+    settings = make_settings(models, admin_without_keys=True, max_batch_delay_ms=4000)
+    with serve(settings) as live:
         new_version(models, 1)
         shutil.rmtree(models / "reg" / "1")
 
         async def scenario() -> tuple[list[httpx.Response], httpx.Response, int]:
-            queued = [asyncio.ensure_future(live.client.post(PREDICT, json=BODY)) for _ in range(6)]
-            await asyncio.sleep(0.05)
+            queued = [
+                asyncio.ensure_future(live.client.post(PREDICT, json=BODY, timeout=30))
+                for _ in range(6)
+            ]
+            await asyncio.sleep(0.2)
             reload = await live.client.post("/v1/models/reg:reload")
             waiting = sum(not q.done() for q in queued)
             return await asyncio.gather(*queued), reload, waiting
 
         answers, reload, waiting = live.portal.call(scenario)
-        after = live.post(PREDICT, json=BODY)
+        after = live.post(PREDICT, json=BODY, timeout=30)
     assert reload.json()["loaded"] == [2] and reload.json()["unloaded"] == [1]
-    assert waiting >= 2, "the reload came after the requests: it tested nothing"
+    assert waiting == 6, "the reload came after the requests: it tested nothing"
     assert [a.status_code for a in answers] == [200] * 6
     assert [a.json()["model_version"] for a in answers] == [1] * 6
     assert after.json()["model_version"] == 2
