@@ -17,6 +17,16 @@ from training.gap import GAP_DRAWS as DRAWS
 from training.gap import gap_ratio
 from training.train import TrainResult, train_model
 
+# each method's options beyond the architecture, small enough for fast model-level tests
+METHOD_EXTRA: dict[str, dict[str, Any]] = {
+    "mc_dropout": {"dropout": 0.2, "input_dropout": True},
+    "ensemble": {"members": 4},
+    "sgld": {"members": 4},
+    "sghmc": {"members": 4},
+    "variational": {"prior": "normal:1"},
+    "laplace": {"structure": "kron"},
+}
+
 
 @functools.cache
 def sine_gap() -> LoadedData:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_settings, serve
+from methods_support import METHOD_EXTRA
 from torch import nn
 
 from training.architectures import arch_config
@@ -162,14 +163,7 @@ def test_fast_paths_equal_the_generic_path(method, arch):
         stats = {"x_mean": [0.1, 0.0, -0.2], "x_std": [1.0, 2.0, 0.5]}
         stats |= {"y_mean": [0.5, -1.0], "y_std": [2.0, 0.3]}
         config = arch_config("mlp", shape, [16, 8])
-    extra = {
-        "mc_dropout": {"dropout": 0.2, "input_dropout": True},
-        "ensemble": {"members": 4},
-        "sgld": {"members": 4},
-        "sghmc": {"members": 4},
-        "variational": {"prior": "normal:1"},
-        "laplace": {"structure": "kron"},
-    }[method]
+    extra = METHOD_EXTRA[method]
     torch.manual_seed(0)
     fast = build_model({"method": method, "arch": config | extra, "likelihood": likelihood}, stats)
     generic = MODEL_TYPES[method](config | extra, likelihood, stats)

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from methods_support import METHOD_EXTRA
 
 from training.architectures import arch_config
 from training.attributions import Explain, attribute, quantiles, summarize_attributions
 from training.build import FAST_PATHS, MODEL_TYPES, build_model
 from training.model import PosteriorModel
 
-EXTRA = {
-    "mc_dropout": {"dropout": 0.2, "input_dropout": True},
-    "ensemble": {"members": 4},
-    "sgld": {"members": 4},
-    "sghmc": {"members": 4},
-    "variational": {"prior": "normal:1"},
-    "laplace": {"structure": "kron"},
-}
 CLASSES = {"kind": "categorical", "num_classes": 3}
 SETUPS = {  # input shape, likelihood, normalization, architecture
     "mlp": (
@@ -45,7 +38,7 @@ CASES = [
 def model_of(method: str, arch: str, fast: bool) -> PosteriorModel:
     _, likelihood, stats, config = SETUPS[arch]
     torch.manual_seed(0)
-    config = config | EXTRA[method]
+    config = config | METHOD_EXTRA[method]
     if fast:
         model = build_model({"method": method, "arch": config, "likelihood": likelihood}, stats)
     else:

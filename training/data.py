@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from training import images
-from training.dataset import TASKS, DataError, Dataset, LoadedData
+from training.dataset import TASKS, DataError, Dataset, LoadedData, read_text
 from training.series import SERIES_PREFIX
 
 TOY_PREFIX = "toy:"
@@ -109,12 +109,7 @@ def load_csv(path: str | Path, target: str | None = None, task: str | None = Non
     """A CSV file with a header row; `target` (default: the last column) is predicted from
     every other column. A non-numeric target makes a classifier over its distinct values."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such file") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not a UTF-8 text file") from exc
+    text = read_text(path)
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise DataError(f"{path}: the file is empty")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +15,16 @@ TASKS = ("regression", "classification")
 
 class DataError(ValueError):
     """Data that cannot be loaded; the message says what is wrong and where."""
+
+
+def read_text(path: Path) -> str:
+    """A data file's text (a UTF-8 byte-order mark dropped), or a DataError saying why not."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 text file") from exc
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.dataset import DataError, Dataset, LoadedData
+from training.dataset import DataError, Dataset, LoadedData, read_text
 
 SERIES_PREFIX = "series:"
 MIN_FIT_WINDOWS = 4
@@ -98,12 +98,7 @@ def _parse_time(cell: str) -> float | np.datetime64 | None:
 def load_series_csv(path: str | Path, time_column: str | None = None) -> Series:
     """A CSV with a header row: the time column (default: the first), then numeric columns."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such file") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not a UTF-8 text file") from exc
+    text = read_text(path)
     rows = [row for row in csv.reader(text.splitlines()) if any(c.strip() for c in row)]
     if len(rows) < 2:
         raise DataError(f"{path}: need a header row and data rows")
