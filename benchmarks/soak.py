@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -103,7 +104,13 @@ def payloads(port: int) -> tuple[list[bytes], list[tuple[str, bytes]]]:
 
 async def drive(port: int, rate: float, seconds: float) -> list[list]:
     """Open-loop traffic; one record per request: [scheduled s since start, latency s,
-    valid, status or failure, model version or None, what was wrong]."""
+    valid, status or failure, model version or None, what was wrong, s the driver sent it
+    late].
+
+    The records live for the whole run, millions of them: a full collection of the cyclic
+    garbage collector walks them all and stalls this loop for as long as a second, after
+    which it sends every arrival it held back at once, a burst that no Poisson process
+    makes. Freezing what exists every second keeps them out of every later collection."""
     valid, invalid = payloads(port)
     rng = random.Random(1)
     pool: asyncio.LifoQueue[tuple | None] = asyncio.LifoQueue()
@@ -113,6 +120,7 @@ async def drive(port: int, rate: float, seconds: float) -> list[list]:
     t0 = time.perf_counter() + 0.05
 
     async def one(scheduled: float, payload: bytes, is_valid: bool, what: str) -> None:
+        late = time.perf_counter() - scheduled
         entry = await pool.get()
         conn = None
         if entry is not None:
@@ -140,14 +148,19 @@ async def drive(port: int, rate: float, seconds: float) -> list[list]:
             conn = None
         pool.put_nowait(None if conn is None else (conn, time.perf_counter()))
         done = time.perf_counter()
-        records.append([scheduled - t0, done - scheduled, is_valid, outcome, version, what])
+        records.append([scheduled - t0, done - scheduled, is_valid, outcome, version, what, late])
 
     tasks = []
     t, end = t0, t0 + seconds
+    frozen = t0
+    gc.freeze()
     while True:
         t += rng.expovariate(rate)
         if t >= end:
             break
+        if t - frozen >= 1.0:
+            gc.freeze()
+            frozen = t
         delay = t - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -161,7 +174,7 @@ async def drive(port: int, rate: float, seconds: float) -> list[list]:
         _, pending = await asyncio.wait(tasks, timeout=serve.REQUEST_TIMEOUT_S + 5)
         for task in pending:
             task.cancel()
-        records += [[None, None, None, "unfinished", None, ""] for _ in pending]
+        records += [[None, None, None, "unfinished", None, "", None] for _ in pending]
     return records
 
 
@@ -208,6 +221,7 @@ def minute_rows(records: list[list], minutes: int) -> list[dict[str, Any]]:
         mine = [r for r in records if r[0] is not None and minute * 60 <= r[0] < minute * 60 + 60]
         valid = [r for r in mine if r[2]]
         ok = sorted(r[1] for r in valid if r[3] == 200)
+        late = sorted(r[6] for r in mine)
         rows.append(
             {
                 "minute": minute + 1,
@@ -221,6 +235,7 @@ def minute_rows(records: list[list], minutes: int) -> list[dict[str, Any]]:
                 ),
                 "p50_ms": serve.percentile(ok, 0.5),
                 "p99_ms": serve.percentile(ok, 0.99),
+                "late_p99_ms": serve.percentile(late, 0.99),
                 "versions": sorted({r[4] for r in valid if r[4] is not None}),
             }
         )
@@ -231,15 +246,15 @@ def report(data: dict[str, Any], command: str, seconds: float) -> None:
     rows = data["minutes"]
     lines = [
         "| minute | valid requests | valid failed | invalid requests | invalid not 4xx | "
-        "p50 ms | p99 ms | versions answering |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "p50 ms | p99 ms | sent late, p99 ms | versions answering |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         versions = ", ".join(f"v{v}" for v in r["versions"])
         lines.append(
             f"| {r['minute']} | {r['valid']} | {r['valid_failed']} | {r['invalid']} | "
             f"{r['invalid_not_4xx']} | {serve.fmt(r['p50_ms'])} | {serve.fmt(r['p99_ms'])} | "
-            f"{versions} |"
+            f"{serve.fmt(r['late_p99_ms'])} | {versions} |"
         )
     table = "\n".join(lines)
     memory = data["memory"]
@@ -281,7 +296,9 @@ def report(data: dict[str, Any], command: str, seconds: float) -> None:
         "cores; server, traffic and whatever else runs there share them). A 503 is the "
         "server's queue bound refusing what it cannot take in time (max_queue), `connection` "
         "a connection that failed, `unfinished` a request the client still had in flight "
-        f"{serve.REQUEST_TIMEOUT_S + 5:.0f} s after the last arrival.\n\n"
+        f"{serve.REQUEST_TIMEOUT_S + 5:.0f} s after the last arrival; `sent late` how long "
+        "after its scheduled arrival the driver got to send a request (the client's own "
+        "delay, counted in the latency).\n\n"
         f"{table}\n\n"
     )
     write_report(
