@@ -11,20 +11,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_settings
+from conftest import make_settings, serve
 from safetensors.torch import save as save_safetensors
 from scipy.stats import multivariate_normal
 
 from service.registry import FailedModel, Registry
+from training import cli
 from training import density as gda
 from training.architectures import arch_config
-from training.checkpoint import MANIFEST, read_checkpoint
+from training.checkpoint import MANIFEST, latest_checkpoint, read_checkpoint
 from training.data import Dataset
-from training.density import DensityError, GaussianDensity
+from training.density import DensityError, GaussianDensity, density_scores
 from training.evaluate import stored_density
 from training.fit import FitOptions
 from training.methods import get_method
 from training.model import NoFeatures
+from training.onnx_export import export_checkpoint
 from training.ood import OodReference
 from training.train import save_trained, train_model
 
@@ -406,3 +408,45 @@ def test_a_density_of_other_features_is_refused_at_load(blobs_checkpoint, tmp_pa
     _rewrite(copy, other.to_bytes(), {"features": 9})
     (failed,) = Registry.load(tmp_path, torch.device("cpu"), make_settings(tmp_path)).failed()
     assert "was fitted on 1 x 9" in failed.error, failed.error
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_the_density_flag_is_served_on_every_backend(blobs_checkpoint, tmp_path, backend):
+    """The ONNX graph gives draws only; the features come from the torch module the server
+    loads beside it, so an exported model flags the same rows, with worker processes too."""
+    result, data, path = blobs_checkpoint
+    copy = tmp_path / "blobs" / "1"
+    copy.mkdir(parents=True)
+    for item in path.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    if backend == "onnx":
+        export_checkpoint(read_checkpoint(copy))
+    rows = np.concatenate([data.x[:8], data.x[:4] + 6])
+    expected = density_scores(result.model, result.density, rows)
+    entry = result.ood
+    with serve(make_settings(tmp_path, backend=backend, batch_workers=1)) as client:
+        response = client.post(
+            "/v1/models/blobs:predict", json={"instances": rows.tolist(), "parameters": {"seed": 3}}
+        )
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    np.testing.assert_allclose(
+        [p["ood_score"] for p in predictions],
+        np.interp(expected, entry["quantiles"], entry["levels"]),
+        rtol=1e-6,
+    )
+    assert [p["ood"] for p in predictions] == (expected > entry["threshold"]).tolist()
+    assert all(p["ood"] for p in predictions[8:])  # rows moved 6 sd off every class
+
+
+def test_credence_train_chooses_the_served_score(tmp_path, capsys):
+    common = ["--epochs", "2", "--out", str(tmp_path), "--quiet"]
+    for choice, expected in (("auto", "feature_density"), ("mutual_information", None)):
+        argv = ["--data", "toy:moons", "--ood-score", choice, "--name", choice, *common]
+        assert cli.main(argv) == 0
+        checkpoint = latest_checkpoint(tmp_path, choice)
+        assert checkpoint.manifest["ood"]["score"] == (expected or "mutual_information")
+        assert (gda.FILE in checkpoint.files) == (expected is not None)
+    with pytest.raises(SystemExit):
+        cli.main(["--data", "toy:sine-gap", "--ood-score", "feature_density", *common])
+    assert "--ood-score applies to classifiers" in capsys.readouterr().err
