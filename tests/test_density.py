@@ -450,3 +450,10 @@ def test_credence_train_chooses_the_served_score(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--data", "toy:sine-gap", "--ood-score", "feature_density", *common])
     assert "--ood-score applies to classifiers" in capsys.readouterr().err
+
+
+def test_the_model_detail_names_the_served_score(blobs_checkpoint):
+    path = blobs_checkpoint[2]
+    with serve(make_settings(path.parent.parent)) as client:
+        detail = client.get("/v1/models/blobs").json()
+    assert detail["ood"] == {"score": "feature_density", "fpr": 0.05}
