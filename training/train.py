@@ -186,6 +186,9 @@ def train_model(
         # would share their Monte-Carlo error, and shift the whole reference with it), with
         # the calibration the server applies
         own = sample_draws(model, reference.x, eval_samples, options.seed, per_row=True)
+        # fitted on the fit rows, its reference scores on the validation rows: held out, so
+        # their quantiles are what new in-distribution rows score (without validation rows
+        # the reference is the fit rows', and the flag fires on new rows more often)
         density = fit_density(model, fit_set.x, fit_set.y) if by_density else None
         ood_reference = ood.reference(
             train.task,
