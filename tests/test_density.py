@@ -293,6 +293,8 @@ def test_embedding_by_request_is_each_requests_own():
     alone = model.embed_inputs(z[2:].clone())
     assert torch.equal(by_request[:, 2:], alone)
     torch.testing.assert_close(by_request, whole)
+    many = torch.cat([z] * 8)  # 40 rows: a loop over members, where few rows take one vmap
+    torch.testing.assert_close(model.embed(many), model.embed(z).repeat(1, 8, 1))
 
 
 # ------------------------------------------------------------------ training and checkpoints

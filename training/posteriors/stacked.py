@@ -179,20 +179,23 @@ class StackedNet(Stacked):
         return torch.stack([outputs[m] for m in members.tolist()])
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
-        """Each member's body features: [M, B, D], one member at a time (as `run` does for
-        many rows)."""
+        """Each member's body features: [M, B, D]; few rows as one vmap over the members,
+        many one member at a time, as `run` chooses (by the rows alone)."""
         template = self._template[0]
         template.check_features()
-        names = [(i, name) for i, name in enumerate(self.names) if name.startswith("features.")]
+        params = {
+            name.removeprefix("features."): p
+            for name, p in zip(self.names, self.stack, strict=True)
+            if name.startswith("features.")
+        }
+
+        def member(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(template.features, weights, (x,))
+
+        if z.shape[0] < self.VMAP_ROWS:
+            return torch.func.vmap(member, in_dims=(0, None))(params, z)
         return torch.stack(
-            [
-                torch.func.functional_call(
-                    template.features,
-                    {name.removeprefix("features."): self.stack[i][m] for i, name in names},
-                    (z,),
-                )
-                for m in range(self.members)
-            ]
+            [member({k: p[m] for k, p in params.items()}, z) for m in range(self.members)]
         )
 
     def run_at(self, h: torch.Tensor) -> torch.Tensor:
