@@ -459,3 +459,32 @@ def test_the_model_detail_names_the_served_score(blobs_checkpoint):
     with serve(make_settings(path.parent.parent)) as client:
         detail = client.get("/v1/models/blobs").json()
     assert detail["ood"] == {"score": "feature_density", "fpr": 0.05}
+
+
+def test_a_mutual_information_checkpoint_serves_as_before(tmp_path):
+    """No density file, no embedding: the flag reads the draws' mutual information, placed
+    among the validation rows' as every checkpoint before the feature density did."""
+    data = _blobs(200, 2)
+    result = train_model(
+        data,
+        method="mc_dropout",
+        hidden=[8],
+        options=FitOptions(seed=0, epochs=5),
+        eval_samples=50,
+        ood_score="mutual_information",
+    )
+    path = save_trained(result, data, tmp_path, "mi")
+    assert gda.FILE not in read_checkpoint(path).files
+    rows = data.x[:6].tolist()
+    with serve(make_settings(tmp_path)) as client:
+        body = {"instances": rows, "parameters": {"seed": 1, "num_samples": 50}}
+        predictions = client.post("/v1/models/mi:predict", json=body).json()["predictions"]
+        assert client.get("/v1/models/mi").json()["ood"]["score"] == "mutual_information"
+    entry = result.ood
+    scores = np.array([p["mutual_information"] for p in predictions])
+    np.testing.assert_allclose(
+        [p["ood_score"] for p in predictions],
+        np.interp(scores, entry["quantiles"], entry["levels"]),
+        rtol=1e-9,
+    )
+    assert [p["ood"] for p in predictions] == (scores > entry["threshold"]).tolist()
