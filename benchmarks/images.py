@@ -5,9 +5,11 @@ dataset-fashion-mnist: 60,000 training images, 10,000 test), each with credence-
 training code on this machine's cores, and an MC-dropout CNN on MNIST-5k for the reverse pair.
 Reports, on the in-distribution test set: accuracy, NLL, Brier score and ECE (15 bins), with
 and without temperature scaling (T fitted on the validation rows), and a reliability diagram;
-and OOD detection (AUROC, AUPR, FPR at 95% TPR) by mutual information, predictive entropy and
-max-softmax against MNIST-5k (all 5,000 images), Gaussian noise images (N(0.5, 1) clipped to
-[0, 1]) and uniform noise images, 2,000 each.
+and OOD detection (AUROC, AUPR, FPR at 95% TPR) by mutual information, predictive entropy,
+max-softmax and the density of the penultimate features (training.density, fitted by the
+trainer on the fit rows: the score the checkpoint's OOD flag serves) against MNIST-5k (all
+5,000 images), Gaussian noise images (N(0.5, 1) clipped to [0, 1]) and uniform noise
+images, 2,000 each.
 
     .venv/bin/python benchmarks/images.py [--quick] [--models models-images]
 
@@ -28,6 +30,7 @@ import torch
 from machine import machine_line, machine_record
 
 from training.data import load_data
+from training.density import density_scores
 from training.fit import FitOptions, holdout_split
 from training.images import noise_images
 from training.metrics import (
@@ -42,7 +45,7 @@ from training.train import DEFAULT_VAL_FRACTION, save_trained, train_model
 
 DRAWS = 32
 NOISE_IMAGES = 2000
-SCORES = ("mutual_information", "entropy", "max_softmax")
+SCORES = ("mutual_information", "entropy", "max_softmax", "feature_density")
 PUBLISHED = (  # Fashion-MNIST in, MNIST out: AUROC
     "5-member deep ensemble 0.861; DUQ 0.955; Mahalanobis 0.942 (van Amersfoort et al. 2020, "
     "as re-quoted by Nguyen et al., Table 8). Max-softmax against uniform noise on MNIST: 0.99 "
@@ -80,8 +83,8 @@ def runs(quick: bool) -> list[Run]:
     ]
 
 
-def scores(draws: torch.Tensor) -> dict[str, np.ndarray]:
-    return detection_scores("classification", summarize("classification", draws, []))
+def scores(draws: torch.Tensor, density: np.ndarray) -> dict[str, np.ndarray]:
+    return detection_scores("classification", summarize("classification", draws, []), density)
 
 
 def evaluate(run: Run, out_dir: Path, threads: int) -> None:
@@ -119,7 +122,7 @@ def evaluate(run: Run, out_dir: Path, threads: int) -> None:
         test_draws = sample_draws(model, test.x, DRAWS, 2)
         plain = classification_metrics(test_draws, test.y)
         scaled = classification_metrics(test_draws / temperature, test.y)
-        in_scores = scores(test_draws)
+        in_scores = scores(test_draws, density_scores(model, result.density, test.x))
         probabilities = summarize("classification", test_draws, [])["probabilities"]
         scaled_probabilities = summarize("classification", test_draws / temperature, [])[
             "probabilities"
@@ -137,7 +140,9 @@ def evaluate(run: Run, out_dir: Path, threads: int) -> None:
         }
         ood = {}
         for name, x in outs.items():
-            out_scores = scores(sample_draws(model, x, DRAWS, 5))
+            out_scores = scores(
+                sample_draws(model, x, DRAWS, 5), density_scores(model, result.density, x)
+            )
             ood[name] = {s: detection(in_scores[s], out_scores[s]) for s in SCORES}
     run.results = {
         "seconds": total,

@@ -130,6 +130,8 @@ def model_detail(entry: ModelEntry) -> dict:
                 else None
             ),
             metrics=spec.manifest.get("metrics"),
+            # what ood_score ranks and how often the flag fires in distribution
+            ood={"score": spec.ood.score, "fpr": spec.ood.fpr} if spec.ood else None,
         )
         if spec.manifest.get("forecast"):  # a forecaster: window, horizon, features, targets
             detail["forecast"] = spec.manifest["forecast"]

@@ -28,7 +28,7 @@ from training.architectures import arch_name
 from training.calibration import Calibration, CalibrationError, parse_calibration
 from training.checkpoint import CheckpointError, read_checkpoint, request_cap
 from training.fit import is_small
-from training.model import PosteriorModel, draws_used
+from training.model import NoFeatures, PosteriorModel, draws_used
 from training.ood import OodReference
 from training.posteriors.mc_dropout import MCDropoutMLP
 
@@ -70,8 +70,14 @@ def _positive_int(value: object) -> bool:
     return type(value) is int and value > 0
 
 
-def parse_spec(manifest: dict, settings: Settings, set_size: int | None = None) -> ModelSpec:
-    """Validate the serving-relevant part of a manifest; CheckpointError says what is wrong."""
+def parse_spec(
+    manifest: dict,
+    settings: Settings,
+    set_size: int | None = None,
+    files: dict[str, bytes] | None = None,
+) -> ModelSpec:
+    """Validate the serving-relevant part of a manifest (and of the checkpoint's `files` it
+    names: a feature-density OOD reference's tensors); CheckpointError says what is wrong."""
 
     def bad(message: str) -> CheckpointError:
         return CheckpointError(f"manifest: {message}")
@@ -108,7 +114,7 @@ def parse_spec(manifest: dict, settings: Settings, set_size: int | None = None) 
     ood = None
     if manifest.get("ood") is not None:
         try:
-            ood = OodReference.parse(manifest["ood"], task)
+            ood = OodReference.parse(manifest["ood"], task, files, len(names))
         except ValueError as exc:
             raise bad(str(exc)) from None
     cap = min(cap or math.inf, settings.max_num_samples)
@@ -159,6 +165,26 @@ def check_model(model: Sampler, spec: ModelSpec, device: torch.device) -> None:
         raise CheckpointError(
             f"model draws have shape {tuple(draws.shape)} but the manifest's "
             f"{spec.num_outputs} outputs need {expected}"
+        )
+
+
+def check_features(module: PosteriorModel, spec: ModelSpec, device: torch.device) -> None:
+    """A feature-density OOD reference must fit the model's features: the torch module
+    embeds the rows on every backend (ONNX graphs give draws only), so a density fitted on
+    another network fails here, at load."""
+    if spec.ood is None or spec.ood.density is None:
+        return
+    x = torch.zeros((2, *spec.input_shape), dtype=spec.dtype, device=device)
+    try:
+        features = module.embed_inputs(x)
+    except NoFeatures as exc:
+        raise CheckpointError(f"ood.score feature_density, but {exc}") from None
+    density = spec.ood.density
+    expected = (density.members, 2, density.features)
+    if tuple(features.shape) != expected:
+        raise CheckpointError(
+            f"the model's features have shape {tuple(features.shape)} but its OOD density "
+            f"was fitted on {density.members} x {density.features} ({expected} for 2 rows)"
         )
 
 
@@ -216,7 +242,7 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
     if settings.backend == "onnx":  # onnxruntime's CPU provider, whatever the device
         device = torch.device("cpu")
     module = checkpoint.build(device)
-    spec = parse_spec(manifest, settings, module.set_size)
+    spec = parse_spec(manifest, settings, module.set_size, checkpoint.files)
     small = is_small(module)
     precision = "float32"
     if settings.precision != "float32":
@@ -237,6 +263,7 @@ def load_version(path: Path, device: torch.device, settings: Settings) -> Loaded
     elif settings.cuda_graphs:
         model = graphed(module, spec, device, settings)
     check_model(model, spec, device)
+    check_features(module, spec, device)
     return LoadedModel(spec, model, device, path, small, precision, module)
 
 

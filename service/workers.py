@@ -53,7 +53,8 @@ def summarize_batch(
     summaries' many small ops skip autograd's bookkeeping."""
     device, spec = loaded.device, loaded.spec
     x, seeds = to_device(x, device), to_device(seeds, device)
-    summaries = []
+    summaries, features = [], []
+    embeds = spec.ood is not None and spec.ood.needs_features
     for n, levels, rows, sizes, explain in groups:
         if rows is not None:
             index = torch.tensor(rows, device=device)
@@ -62,17 +63,24 @@ def summarize_batch(
             group_x, group_seeds = x, seeds
         if explain is not None:
             summaries.append(explain_group(loaded, group_x, n, group_seeds, levels, explain))
+            features.append(None)
             continue
         draws = loaded.model.sample(group_x, n, group_seeds, sizes)
         if levels is None:  # the model's own draws: a calibration shapes summaries only
             summaries.append(per_draw(spec.task, draws))
         else:  # the spec's calibration (if any) is applied here
             summaries.append(summarize(spec.task, draws, levels, spec.calibration))
+        # a feature-density OOD score: one deterministic pass of the torch module (whatever
+        # backend draws), each request's rows on their own as its draws are
+        wanted = embeds and levels is not None
+        features.append(loaded.module.embed_inputs(group_x, sizes) if wanted else None)
     summaries = to_host(summaries, device)
     if spec.ood is not None:  # once per group, for the metrics and every protocol
-        for (_, levels, _, _, explain), summary in zip(groups, summaries, strict=True):
+        for (_, levels, _, _, explain), summary, rows_features in zip(
+            groups, summaries, features, strict=True
+        ):
             if levels is not None and explain is None:
-                summary.update(spec.ood.fields(summary))
+                summary.update(spec.ood.fields(summary, rows_features))
     return summaries
 
 

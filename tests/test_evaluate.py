@@ -99,7 +99,8 @@ def test_a_sample_set_is_scored_on_all_its_draws_when_more_are_asked(tmp_path, c
 
 def test_an_image_classifier_reports_ood_detection_and_a_reliability_diagram(tmp_path, capsys):
     """credence-train --arch cnn on the 8x8 digits, then credence-eval with noise images as
-    OOD rows: each score's AUROC / AUPR / FPR at 95% TPR, and the diagram's PNG."""
+    OOD rows: each score's AUROC / AUPR / FPR at 95% TPR (the stored feature density's
+    too), and the diagram's PNG."""
     fit = ["--arch", "cnn", "--conv", "8", "--hidden", "32", "--epochs", "30", "--seed", "0"]
     argv = ["--data", "digits", *fit, "--out", str(tmp_path), "--name", "digits", "--quiet"]
     assert cli.main(argv) == 0
@@ -117,8 +118,9 @@ def test_an_image_classifier_reports_ood_detection_and_a_reliability_diagram(tmp
     assert ece / sum(bins["rows"]) == pytest.approx(report["metrics"]["ece"], abs=1e-9)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scores = report["ood"]["noise:uniform"]
-    assert set(scores) == {"mutual_information", "entropy", "max_softmax"}
+    assert set(scores) == {"mutual_information", "entropy", "max_softmax", "feature_density"}
     assert all(0 <= s["auroc"] <= 1 and 0 <= s["fpr_at_95_tpr"] <= 1 for s in scores.values())
+    assert scores["feature_density"]["auroc"] > 0.95, scores  # the score its flag reads
     with pytest.raises(SystemExit):  # 28x28 images for an 8x8 model
         evaluate.main([*model, "--ood-data", "mnist-5k"])
     assert "rows of shape [1, 28, 28], the model's [1, 8, 8]" in capsys.readouterr().err

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import rng
+from training.model import NoFeatures
 from training.pointwise import ACTIVATIONS
 
 
@@ -146,6 +147,12 @@ class Body(nn.Module):
     def sites(self) -> list[Site]:
         """Dropout sites in the order their masks are keyed (stream i for site i)."""
         return [m for m in self.modules() if isinstance(m, Site)]
+
+    def check_features(self) -> None:
+        """NoFeatures unless `features` computes something: a network without hidden layers
+        feeds its (flattened) inputs straight to `last`."""
+        if not any(True for _ in self.features.parameters()):
+            raise NoFeatures("a network without hidden layers has no feature layer to embed")
 
 
 class _Activation(nn.Module):

@@ -12,8 +12,9 @@ Manifest keys the caller of `save_checkpoint` supplies (the rest is filled in he
                  `request_cap`); a finite sample set serves at most its M draws whatever
                  is asked (training.model.draws_used)
     calibration  null or the post-hoc calibration the server applies (training.calibration)
-    ood          optional: in-distribution quantiles of the epistemic score, which the server
-                 turns into each prediction's ood_score and ood flag (training.ood)
+    ood          optional: in-distribution quantiles of the OOD score, which the server
+                 turns into each prediction's ood_score and ood flag (training.ood); a
+                 feature_density score's tensors are the file density.safetensors
     metrics, uncertainty_stats, training: free-form JSON about the fit (optional)
 
 The manifest lists the sha256 of every other file; reading refuses any mismatch. Versions

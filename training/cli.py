@@ -33,6 +33,7 @@ from training.fit import FitOptions
 from training.likelihoods import NOISE_KINDS
 from training.methods import METHODS
 from training.onnx_export import EXPORTABLE_METHODS, ExportError, check_exportable, export_files
+from training.ood import SCORE_CHOICES as OOD_SCORES
 from training.series import BUNDLED as BUNDLED_SERIES
 from training.series import SERIES_PREFIX, load_forecast
 from training.train import (
@@ -41,6 +42,7 @@ from training.train import (
     MIN_ROWS,
     NUM_SAMPLES,
     build_manifest,
+    result_files,
     save_trained,
     train_model,
 )
@@ -238,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"conformal intervals; default {DEFAULT_CALIBRATION} for regression with validation "
         "rows, else none)",
     )
+    model.add_argument(
+        "--ood-score",
+        choices=OOD_SCORES,
+        default="auto",
+        help="classifiers: the score the served OOD flag reads: the density of the network's "
+        "penultimate features (feature_density, fitted on the training rows) or the mutual "
+        "information of the draws; auto (the default) is feature_density where the network "
+        "has a hidden layer",
+    )
 
     fit = parser.add_argument_group("training")
     fit.add_argument(
@@ -386,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.calibration is not None:
             parser.error("--calibration applies to regression only")
         calibration = None
+    if train.task == "regression" and args.ood_score != "auto":
+        parser.error("--ood-score applies to classifiers; a regressor's is its epistemic std")
     if len(train) < MIN_ROWS:
         parser.error(f"{args.data}: {len(train)} training rows; need at least {MIN_ROWS}")
     arch_options = {
@@ -457,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             noise_refit=args.noise_refit,
             calibration=calibration,
             spread=spread,
+            ood_score=args.ood_score,
         )
     if result is None:  # another process of a torchrun job: rank 0 writes the checkpoint
         return 0
@@ -473,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.export_onnx:  # model.onnx goes into the same staged write as the weights
         files, onnx_keys = export_files(result.model)
         manifest = {**build_manifest(result, train, extra, num_samples), **onnx_keys}
+        files = {**files, **result_files(result)}
         path = save_checkpoint(result.model, args.out, name, manifest, extra_files=files)
     else:
         path = save_trained(result, train, args.out, name, extra, num_samples)

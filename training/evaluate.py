@@ -11,7 +11,8 @@ seed has the same mean and intervals. A calibrated checkpoint is scored both raw
 its stored calibration applied, as the server applies it. With --ood-data, it also reports
 how well the model's uncertainty tells those rows (another data set of the same input shape,
 or noise:gaussian / noise:uniform images) from its own test rows: AUROC, AUPR and the
-false-positive rate at 95% true-positive rate, per score (training.ood.detection_scores).
+false-positive rate at 95% true-positive rate, per score (training.ood.detection_scores; a
+checkpoint whose OOD flag reads its feature density also reports `feature_density`).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from training.checkpoint import (
     request_cap,
 )
 from training.data import DataError, Dataset, load_data
+from training.density import GaussianDensity, density_scores
 from training.images import NOISE, noise_images
 from training.metrics import evaluate, reliability_bins, sample_draws
-from training.model import draws_used
-from training.ood import detection, detection_scores
+from training.model import PosteriorModel, draws_used
+from training.ood import FEATURE_DENSITY, OodReference, detection, detection_scores
 from training.summaries import summarize
 
 DEFAULT_SEED = 0
@@ -116,13 +118,36 @@ def ood_rows(spec: str, shape: list[int]) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def stored_density(checkpoint: Checkpoint) -> GaussianDensity | None:
+    """The feature density a checkpoint's OOD flag reads, checked as the server checks it
+    (CheckpointError when malformed); None when its flag reads another score."""
+    entry = checkpoint.manifest.get("ood")
+    if not isinstance(entry, dict) or entry.get("score") != FEATURE_DENSITY:
+        return None
+    names = checkpoint.manifest["output"]["names"]
+    try:
+        return OodReference.parse(
+            entry, checkpoint.manifest["task"], checkpoint.files, len(names)
+        ).density
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint.path}: manifest: {exc}") from None
+
+
 def ood_report(
-    model, task: str, data: Dataset, specs: list[str], n: int, seed: int
+    model: PosteriorModel,
+    task: str,
+    data: Dataset,
+    specs: list[str],
+    n: int,
+    seed: int,
+    density: GaussianDensity | None = None,
 ) -> dict[str, dict]:
     """Per OOD spec and score: AUROC, AUPR, FPR at 95% TPR against `data`'s rows."""
 
     def scores(x: np.ndarray) -> dict[str, np.ndarray]:
-        return detection_scores(task, summarize(task, sample_draws(model, x, n, seed), []))
+        summary = summarize(task, sample_draws(model, x, n, seed), [])
+        by_density = None if density is None else density_scores(model, density, x)
+        return detection_scores(task, summary, by_density)
 
     inside = scores(data.x)
     shape = list(data.input_shape)
@@ -158,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = loaded.test if loaded.test is not None else loaded.train
         check_compatible(checkpoint, data)
         model = checkpoint.build()
+        density = stored_density(checkpoint)
         calibration = parse_calibration(
             checkpoint.manifest.get("calibration"), data.task, data.num_outputs
         )
@@ -194,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ood_data:
         try:
             report["ood"] = ood_report(
-                model, data.task, data, args.ood_data, num_samples, args.seed
+                model, data.task, data, args.ood_data, num_samples, args.seed, density
             )
         except (DataError, OSError) as exc:
             parser.error(str(exc))

@@ -19,6 +19,14 @@ For attributions a model also gives its draws at per-draw inputs, with autograd 
     path_draws(z: Tensor[n, B, *input_shape] (standardized), seeds: Tensor[B]) -> [n, B, *out]
 
 draw s on z[s] alone, the same draw `sample` makes for index s of each row's seed.
+
+For a density of the network's features (training.density) a model gives the deterministic
+activations its output layer reads:
+
+    embed(z: Tensor[B, *input_shape] (standardized)) -> Tensor[K, B, D]
+
+K = 1 for one network (MC dropout with dropout off, variational weights at their means,
+Laplace at its MAP); K = M for a stored set, each member's own features.
 """
 
 from __future__ import annotations
@@ -80,6 +88,10 @@ class Normalizer(nn.Module):
                 raise ValueError("a relative forecaster's draws need their input windows")
             mean = mean + self.levels(x).to(mean.dtype)
         return torch.cat([mean, draws[..., k:] * self.y_std**2], dim=-1)
+
+
+class NoFeatures(ValueError):
+    """A model whose structure has no penultimate feature layer to embed rows with."""
 
 
 class PosteriorModel(nn.Module):
@@ -153,6 +165,30 @@ class PosteriorModel(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Training pass on standardized inputs: one stochastic draw per row."""
         raise NotImplementedError
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Standardized inputs [B, *input_shape] -> the deterministic activations the output
+        layer reads, [K, B, D] float32 (K networks: 1, or a stored set's M). NoFeatures when
+        the model has none (a network with no hidden layer reads its inputs)."""
+        raise NoFeatures(f"{type(self).__name__} ({self.method}) gives no feature embedding")
+
+    @torch.inference_mode()
+    def embed_inputs(
+        self, x: torch.Tensor, sizes: Sequence[int] | None = None, rows: int = 1024
+    ) -> torch.Tensor:
+        """`embed` of original-unit inputs [B, ...] -> [K, B, D] float32, at most `rows` rows
+        per pass (a CNN's activations on a whole data set would not fit in memory). With
+        `sizes` (consecutive requests' rows, as `sample` takes them) each request's rows are
+        embedded on their own, from a fresh copy: its features, and a density score made of
+        them, are the same bits alone and in any batch."""
+        bounds = [(0, x.shape[0])] if sizes is None else itertools.pairwise(segments.offsets(sizes))
+        parts = []
+        for start, end in bounds:
+            for a in range(start, max(end, start + 1), rows):
+                part = x[a : min(a + rows, end)]
+                part = part if sizes is None else part.clone()
+                parts.append(self.embed(self.normalizer.inputs(part)).float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def penalty(self, num_train: int) -> torch.Tensor:
         """Negative log prior per training example (regularization is the prior)."""

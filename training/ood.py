@@ -11,6 +11,12 @@ the quantile at 1 - FPR: at the default FPR of 5%, one in-distribution predictio
 is flagged, and the test below the threshold is a calibrated statement, not a guess. A
 classifier's entry also stores the same distribution of its predictive entropy and negated
 max probability (`others`), the usual alternatives.
+
+A classifier can instead be scored by the density of its penultimate features
+(`feature_density`, training.density), which softmax-fooling inputs such as noise images do
+not fool: the entry then names the checkpoint's density file (`density`), the quantiles are
+of that score on the validation rows, and mutual information moves to `others`. Which score
+drives the flag is a training choice (`SCORE_CHOICES`, credence-train --ood-score).
 """
 
 from __future__ import annotations
@@ -21,11 +27,22 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from training.density import FILE as DENSITY_FILE
+from training.density import DensityError, GaussianDensity
 from training.summaries import Summary
 
 DEFAULT_FPR = 0.05
 LEVELS = np.linspace(0.0, 1.0, 101)  # the stored quantiles: every percentile
 SCORES = {"classification": "mutual_information", "regression": "epistemic_std"}
+FEATURE_DENSITY = "feature_density"
+# what may drive a model's flag: "auto" is feature_density for a classifier with a feature
+# layer, else the task's epistemic score (SCORES)
+SCORE_CHOICES = ("auto", FEATURE_DENSITY, "mutual_information")
+
+
+def served_scores(task: str) -> tuple[str, ...]:
+    """The scores a checkpoint of `task` may serve its flag on."""
+    return (SCORES[task], FEATURE_DENSITY) if task == "classification" else (SCORES[task],)
 
 
 def epistemic_score(task: str, summary: Summary) -> torch.Tensor:
@@ -35,13 +52,28 @@ def epistemic_score(task: str, summary: Summary) -> torch.Tensor:
     return summary["epistemic_variance"].clamp_min(0).sqrt().mean(-1)
 
 
-def reference(task: str, summary: Summary, num_samples: int, fpr: float = DEFAULT_FPR) -> dict:
+def reference(
+    task: str,
+    summary: Summary,
+    num_samples: int,
+    fpr: float = DEFAULT_FPR,
+    density: GaussianDensity | None = None,
+    density_scores: np.ndarray | None = None,
+) -> dict:
     """The manifest's `ood` entry from in-distribution rows' summaries of `num_samples`
     draws (with fewer draws per request, scores are noisier and more rows pass the
-    threshold)."""
+    threshold). With a fitted `density` and the same rows' `density_scores`, the entry
+    serves feature_density (and the density goes in the checkpoint's DENSITY_FILE)."""
     if not 0 < fpr < 1:
         raise ValueError(f"the OOD false-positive rate must be in (0, 1), got {fpr}")
-    scores = epistemic_score(task, summary).double()
+    if (density is None) != (density_scores is None):
+        raise ValueError("a feature-density reference needs the density and its scores")
+    by_density = density is not None
+    if by_density and task != "classification":
+        raise ValueError("feature_density scores classifiers (a Gaussian per class)")
+    name = FEATURE_DENSITY if by_density else SCORES[task]
+    all_scores = detection_scores(task, summary, density_scores)
+    scores = torch.from_numpy(all_scores[name]).double()
     levels = torch.from_numpy(LEVELS)
 
     def distribution(values: torch.Tensor) -> dict:
@@ -51,18 +83,19 @@ def reference(task: str, summary: Summary, num_samples: int, fpr: float = DEFAUL
         }
 
     others = {  # the other scores' distributions, for clients and operators that prefer them
-        name: distribution(torch.from_numpy(values))
-        for name, values in detection_scores(task, summary).items()
-        if name != SCORES[task]
+        other: distribution(torch.from_numpy(values))
+        for other, values in all_scores.items()
+        if other != name
     }
     return {
-        "score": SCORES[task],
+        "score": name,
         "rows": int(scores.numel()),
         "num_samples": num_samples,
         "fpr": fpr,
         **distribution(scores),
         "levels": LEVELS.tolist(),
         **({"others": others} if others else {}),
+        **({"density": density.manifest()} if by_density else {}),
     }
 
 
@@ -75,14 +108,33 @@ class OodReference:
     threshold: float
     levels: np.ndarray
     quantiles: np.ndarray
+    score: str = ""
+    density: GaussianDensity | None = None  # feature_density: the fitted class Gaussians
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether `fields` needs the batch's features (PosteriorModel.embed)."""
+        return self.density is not None
 
     @classmethod
-    def parse(cls, entry: object, task: str) -> OodReference:
-        """ValueError says what is wrong with a malformed entry."""
+    def parse(
+        cls,
+        entry: object,
+        task: str,
+        files: dict[str, bytes] | None = None,
+        num_classes: int | None = None,
+    ) -> OodReference:
+        """ValueError says what is wrong with a malformed entry; a feature_density entry's
+        tensors are read from `files` (the checkpoint's, by name) and checked."""
         if not isinstance(entry, dict):
             raise ValueError(f"ood must be an object, got {type(entry).__name__}")
-        if entry.get("score") != SCORES[task]:
-            raise ValueError(f"ood.score must be {SCORES[task]!r} for {task}")
+        allowed = served_scores(task)
+        if entry.get("score") not in allowed:
+            names = " or ".join(map(repr, allowed))
+            raise ValueError(f"ood.score must be {names} for {task}, got {entry.get('score')!r}")
+        density = None
+        if entry["score"] == FEATURE_DENSITY:
+            density = _parse_density(entry.get("density"), files or {}, num_classes)
         try:
             levels = np.asarray(entry["levels"], dtype=np.float64)
             quantiles = np.asarray(entry["quantiles"], dtype=np.float64)
@@ -96,28 +148,57 @@ class OodReference:
             raise ValueError("ood.levels must increase and ood.quantiles must not decrease")
         if not (np.isfinite(quantiles).all() and np.isfinite(threshold) and 0 < fpr < 1):
             raise ValueError("ood.quantiles, threshold and fpr must be finite, fpr in (0, 1)")
-        return cls(task, fpr, threshold, levels, quantiles)
+        return cls(task, fpr, threshold, levels, quantiles, entry["score"], density)
 
-    def fields(self, summary: Summary) -> Summary:
+    def fields(self, summary: Summary, features: torch.Tensor | None = None) -> Summary:
         """A batch's summary fields `ood_score` (each row's score's level among the
-        in-distribution rows) and `ood` (its flag), [B] each."""
-        scores = epistemic_score(self.task, summary).double().cpu().numpy()
+        in-distribution rows) and `ood` (its flag), [B] each; a feature_density reference
+        scores the rows' `features` [K, B, D] (PosteriorModel.embed)."""
+        if self.density is not None:
+            if features is None:
+                raise ValueError("a feature_density OOD score needs the rows' features")
+            scores = self.density.score(features.cpu()).numpy()
+        else:
+            scores = epistemic_score(self.task, summary).double().cpu().numpy()
         levels = np.interp(scores, self.quantiles, self.levels)
         flags = scores > self.threshold
         return {"ood_score": torch.from_numpy(levels), "ood": torch.from_numpy(flags)}
 
 
-def detection_scores(task: str, summary: Summary) -> dict[str, np.ndarray]:
+def _parse_density(
+    entry: object, files: dict[str, bytes], num_classes: int | None
+) -> GaussianDensity:
+    if not isinstance(entry, dict) or entry.get("file") != DENSITY_FILE:
+        raise ValueError(f"ood.density must name its file {DENSITY_FILE!r} for feature_density")
+    if DENSITY_FILE not in files:
+        raise ValueError(f"ood.score feature_density needs {DENSITY_FILE}, which is not listed")
+    try:
+        density = GaussianDensity.from_bytes(files[DENSITY_FILE], num_classes)
+    except DensityError as exc:
+        raise ValueError(str(exc)) from None
+    for key, value in (("members", density.members), ("features", density.features)):
+        if entry.get(key) != value:
+            raise ValueError(f"ood.density.{key} is {entry.get(key)!r}; {DENSITY_FILE} has {value}")
+    return density
+
+
+def detection_scores(
+    task: str, summary: Summary, density_scores: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Per-row OOD scores, larger meaning more unusual: a classifier's mutual information
     (epistemic), predictive entropy (total) and negated max probability (Hendrycks & Gimpel
-    2017's max-softmax baseline); a regressor's epistemic std."""
+    2017's max-softmax baseline), and its feature density score when given
+    (training.density); a regressor's epistemic std."""
     if task == "regression":
         return {"epistemic_std": epistemic_score(task, summary).double().numpy()}
-    return {
+    scores = {
         "mutual_information": summary["mutual_information"].double().numpy(),
         "entropy": summary["entropy"].double().numpy(),
         "max_softmax": -summary["probabilities"].max(-1).values.double().numpy(),
     }
+    if density_scores is not None:
+        scores[FEATURE_DENSITY] = np.asarray(density_scores, dtype=np.float64)
+    return scores
 
 
 def detection(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float]:

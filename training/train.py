@@ -23,6 +23,8 @@ from training.calibration import METHODS as CALIBRATION_METHODS
 from training.calibration import fit_calibration, summarize
 from training.checkpoint import save_checkpoint
 from training.data import Dataset
+from training.density import FILE as DENSITY_FILE
+from training.density import GaussianDensity, density_scores, fit_density
 from training.distributed import SINGLE, Spread
 from training.fit import (
     FitOptions,
@@ -36,7 +38,7 @@ from training.fit import (
 from training.likelihoods import NOISE_KINDS
 from training.methods import get_method
 from training.metrics import metrics_from_draws, sample_draws, uncertainty_stats
-from training.model import PosteriorModel, draws_used
+from training.model import NoFeatures, PosteriorModel, draws_used
 from training.series import chronological_split
 
 DEFAULT_VAL_FRACTION = 0.2
@@ -61,6 +63,7 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
     calibration: dict | None = None  # manifest["calibration"]: see training.calibration
     ood: dict | None = None  # manifest["ood"]: see training.ood
+    density: GaussianDensity | None = None  # the feature density, when it scores OOD
 
 
 def likelihood_config(
@@ -108,6 +111,7 @@ def train_model(
     noise_refit: bool = True,
     calibration: str | None = None,
     spread: Spread = SINGLE,
+    ood_score: str = "auto",
 ) -> TrainResult | None:
     """Fit `method` on architecture `arch` (training.architectures: None for `hidden` or
     in `arch_options` keeps its default) on `train` and evaluate; `options.seed` fixes split,
@@ -121,6 +125,10 @@ def train_model(
     the validation rows' draws after the noise refit. Those rows also chose the best epoch and
     the noise, so the calibration is slightly optimistic about them, and the calibrated
     validation metrics are in-sample; the test metrics are the honest ones.
+
+    `ood_score` (training.ood.SCORE_CHOICES) is what the served OOD flag reads: "auto" is a
+    classifier's feature density (training.density, fitted on the fit rows) when its network
+    has a feature layer, else the epistemic score; a regressor's is its epistemic std.
     """
     options = options or FitOptions()
     if calibration == "none":
@@ -136,6 +144,10 @@ def train_model(
         raise ValueError(f"need at least {MIN_ROWS} training rows, got {len(train)}")
     if train.task == "classification" and train.num_outputs < 2:
         raise ValueError("classification needs at least two classes")
+    if ood_score not in ood.SCORE_CHOICES:
+        raise ValueError(f"ood_score must be one of {ood.SCORE_CHOICES}, got {ood_score!r}")
+    if train.task == "regression" and ood_score != "auto":
+        raise ValueError("--ood-score applies to classifiers; a regressor's is its epistemic std")
     approximation = get_method(method, **(method_options or {}))
     approximation.check_spread(spread.world_size)
     architecture = arch_config(arch, train.input_shape, hidden, activation, **(arch_options or {}))
@@ -152,6 +164,7 @@ def train_model(
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout; caller's RNG untouched
         torch.manual_seed(options.seed)
         model = approximation.build(architecture, likelihood, stats)
+        by_density = _scores_by_density(model, train.task, ood_score, fit_set)
         result = approximation.train(model, fit_set, val_set, options, spread)
     if spread.rank != 0:
         return None
@@ -173,8 +186,16 @@ def train_model(
         # would share their Monte-Carlo error, and shift the whole reference with it), with
         # the calibration the server applies
         own = sample_draws(model, reference.x, eval_samples, options.seed, per_row=True)
+        # fitted on the fit rows, its reference scores on the validation rows: held out, so
+        # their quantiles are what new in-distribution rows score (without validation rows
+        # the reference is the fit rows', and the flag fires on new rows more often)
+        density = fit_density(model, fit_set.x, fit_set.y) if by_density else None
         ood_reference = ood.reference(
-            train.task, summarize(train.task, own, [], fitted), eval_samples
+            train.task,
+            summarize(train.task, own, [], fitted),
+            eval_samples,
+            density=density,
+            density_scores=None if density is None else density_scores(model, density, reference.x),
         )
         if test is not None and len(test):
             test_draws = sample_draws(model, test.x, eval_samples, options.seed)
@@ -191,9 +212,25 @@ def train_model(
         "eval_samples": eval_samples,
         "noise_refit": refit,
         "calibration": calibration,
+        "ood_score": ood_reference["score"],
         "options": dataclasses.asdict(options),
     }
-    return TrainResult(model, metrics, stats_out, result, config, fitted, ood_reference)
+    return TrainResult(model, metrics, stats_out, result, config, fitted, ood_reference, density)
+
+
+def _scores_by_density(model: PosteriorModel, task: str, choice: str, rows: Dataset) -> bool:
+    """Whether the OOD flag will read the feature density: asked for, or "auto" on a
+    classifier whose network has a feature layer (tried on two rows before training, so that
+    a model without one is refused before its fit, not after)."""
+    if task != "classification" or choice == "mutual_information":
+        return False
+    try:
+        model.embed_inputs(torch.as_tensor(rows.x[:2]))
+    except NoFeatures as exc:
+        if choice == ood.FEATURE_DENSITY:
+            raise ValueError(f"--ood-score feature_density: {exc}") from None
+        return False
+    return True
 
 
 def sample_limits(model: PosteriorModel, requested: dict[str, int] | None = None) -> dict:
@@ -249,4 +286,10 @@ def save_trained(
 ) -> Path:
     """Write `result.model` as a new checkpoint version of `name`; returns its folder."""
     manifest = build_manifest(result, data, extra, num_samples)
-    return save_checkpoint(result.model, out_dir, name, manifest)
+    return save_checkpoint(result.model, out_dir, name, manifest, result_files(result))
+
+
+def result_files(result: TrainResult) -> dict[str, bytes]:
+    """The checkpoint files a trained model brings beside its weights: the feature density
+    its OOD flag reads, if any."""
+    return {} if result.density is None else {DENSITY_FILE: result.density.to_bytes()}

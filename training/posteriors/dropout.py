@@ -35,6 +35,17 @@ class DropoutNet(PosteriorModel):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.body(z)
 
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """The body's features with every site off (no keys, eval mode): [1, B, D]."""
+        self.body.check_features()
+        was = self.body.training
+        self.body.eval()
+        try:
+            with keyed(self.sites, [None] * len(self.sites)):
+                return self.body.features(z).unsqueeze(0)
+        finally:
+            self.body.train(was)
+
     def batch_draws(self, x: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
         return self.raw_draws(self.normalizer.inputs(x), n, seeds)
 

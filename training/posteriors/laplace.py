@@ -28,7 +28,7 @@ from torch import nn
 from training import rng, segments
 from training.architectures import build_body
 from training.likelihoods import GaussianHead
-from training.model import PosteriorModel
+from training.model import NoFeatures, PosteriorModel
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 from training.posteriors.seeding import SeedGroups
 from training.priors import DEFAULT_PRIOR, parse_prior
@@ -82,6 +82,15 @@ class LastLayerLaplace(PosteriorModel):
         for layer in self.body:
             h = self.activation(layer(h))
         return torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """The MAP network's last hidden activations (`features` without the 1): [1, B, D]."""
+        if not self._hidden():
+            raise NoFeatures("a network without hidden layers has no feature layer to embed")
+        return self.features(z)[:, :-1].unsqueeze(0)
+
+    def _hidden(self) -> bool:
+        return len(self.body) > 0
 
     def last_weight(self) -> torch.Tensor:
         """The MAP (posterior mean) last layer as [raw_features, P]."""
@@ -183,6 +192,9 @@ class LaplaceNet(LastLayerLaplace):
         body = build_body(arch, self.head.raw_features)
         self.net, self.last = body.features, body.last
         return self.last.in_features
+
+    def _hidden(self) -> bool:
+        return any(True for _ in self.net.parameters())
 
     def features(self, z: torch.Tensor) -> torch.Tensor:
         h = self.net(z)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import rng, segments
-from training.model import PosteriorModel
+from training.model import NoFeatures, PosteriorModel
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -57,6 +57,15 @@ class MCDropoutMLP(PosteriorModel):
             )
         self.layers.to(dtype)
         return self
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer's activations without dropout: [1, B, D]."""
+        if len(self.layers) < 2:
+            raise NoFeatures("a network without hidden layers has no feature layer to embed")
+        h = z.to(self.layers[0].weight.dtype)
+        for layer in self.layers[:-1]:
+            h = self.activation(layer(h))
+        return h.float().unsqueeze(0)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = z

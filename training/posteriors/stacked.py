@@ -21,7 +21,7 @@ from torch import nn
 from training import segments
 from training.architectures import build_body
 from training.distributed import SINGLE, Spread, shared
-from training.model import PosteriorModel
+from training.model import NoFeatures, PosteriorModel
 from training.pointwise import ACTIVATIONS, IN_PLACE_ACTIVATIONS
 from training.priors import DEFAULT_PRIOR, parse_prior
 
@@ -178,6 +178,26 @@ class StackedNet(Stacked):
                 outputs[m] = self._member(weights, h)
         return torch.stack([outputs[m] for m in members.tolist()])
 
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Each member's body features: [M, B, D]; few rows as one vmap over the members,
+        many one member at a time, as `run` chooses (by the rows alone)."""
+        template = self._template[0]
+        template.check_features()
+        params = {
+            name.removeprefix("features."): p
+            for name, p in zip(self.names, self.stack, strict=True)
+            if name.startswith("features.")
+        }
+
+        def member(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(template.features, weights, (x,))
+
+        if z.shape[0] < self.VMAP_ROWS:
+            return torch.func.vmap(member, in_dims=(0, None))(params, z)
+        return torch.stack(
+            [member({k: p[m] for k, p in params.items()}, z) for m in range(self.members)]
+        )
+
     def run_at(self, h: torch.Tensor) -> torch.Tensor:
         n = h.shape[0]
         members = self.draw_members(n, h.device)
@@ -236,6 +256,16 @@ class StackedMLP(Stacked):
             h = torch.baddbmm(b, h, w)
             if i < len(weights) - 1:
                 h = self.activation(h)
+        return h
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Each member's last hidden activations: [M, B, D]."""
+        if len(self.weights) < 2:
+            raise NoFeatures("a network without hidden layers has no feature layer to embed")
+        weights, biases = list(self.weights[:-1]), list(self.biases[:-1])
+        h = z.unsqueeze(0).expand(self.members, *z.shape)
+        for w, b in zip(weights, biases, strict=True):
+            h = self.activation(torch.baddbmm(b, h, w))
         return h
 
     def run_at(self, h: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from training import rng
 from training.architectures import build_body
-from training.model import PosteriorModel
+from training.model import NoFeatures, PosteriorModel
 from training.pointwise import ACTIVATIONS
 from training.posteriors.seeding import SeedGroups
 from training.priors import DEFAULT_PRIOR, Prior, parse_prior
@@ -208,6 +208,19 @@ class VariationalNet(PosteriorModel):
                 h = self.activation(h)
         return h
 
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """The last hidden activations with every weight at its posterior mean: [1, B, D]."""
+        if not self.convs and len(self.layers) < 2:
+            raise NoFeatures("a network without hidden layers has no feature layer to embed")
+        h = z
+        for conv in self.convs:
+            h = F.conv2d(h, conv.weight_mu, conv.bias_mu, padding=conv.padding)
+            h = F.max_pool2d(self.activation(h), 2)
+        h = h.flatten(1)
+        for layer in self.layers[:-1]:
+            h = self.activation(F.linear(h, layer.weight_mu, layer.bias_mu))
+        return h.unsqueeze(0)
+
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
         groups = SeedGroups.of(seeds)
         # [1, U, R, ...]: weights broadcast it to n draws
@@ -297,6 +310,17 @@ class VariationalBody(PosteriorModel):
                 mu = self.mu[i]
                 weights[self.names[i]] = mu + F.softplus(self.rho[i]) * e.unflatten(-1, mu.shape)
         return weights
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """The body's features with every parameter at its posterior mean: [1, B, D]."""
+        template = self._template[0]
+        template.check_features()
+        means = {
+            name.removeprefix("features."): mu
+            for name, mu in zip(self.names, self.mu, strict=True)
+            if name.startswith("features.")
+        }
+        return torch.func.functional_call(template.features, means, (z,)).unsqueeze(0)
 
     def raw_draws(self, z: torch.Tensor, n: int, seeds: torch.Tensor) -> torch.Tensor:
         groups = SeedGroups.of(seeds)
