@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 
 import serve
-from machine import machine_line, machine_record
+from machine import machine_line, machine_record, write_report
 
 from training.data import moons_sample
 
@@ -233,7 +233,6 @@ def main() -> None:
     draw(panels, series, start, out)
     seconds = time.perf_counter() - started
     report(out, args, codes, seconds)
-    print(out.with_suffix(".md").read_text())
 
 
 def report(out: Path, args: argparse.Namespace, codes: dict[int, int], seconds: float) -> None:
@@ -253,10 +252,16 @@ above its validation baseline. Answers by status: {counts}.
 
 ![dashboard]({out.name})
 
-Command: `.venv/bin/python {" ".join(sys.argv)}` ({seconds:.0f} s)
-Machine: {machine_line(machine_record(), 1)}
 """
-    out.with_suffix(".md").write_text(text)
+    write_report(
+        out.with_suffix(".md"),
+        text,
+        table=f"answers by status: {counts}",
+        command=".venv/bin/python " + " ".join(sys.argv),
+        machine=machine_line(machine_record(), 1),
+        advice="the curves' shapes are the result, their levels a guide.",
+        seconds=seconds,
+    )
 
 
 if __name__ == "__main__":
